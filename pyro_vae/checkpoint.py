@@ -1,0 +1,93 @@
+"""Self-describing checkpoints: plain config and tensors, atomic writes, no pickled code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import VAE, VAEConfig
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "atomic_write",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, unsafe or of another format version."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``.
+
+    A crash at any instant leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, vae: VAE, **extra: Any) -> None:
+    """Save config and state dict (plus plain ``extra`` values such as epoch) atomically."""
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "config": vae.config.to_dict(),
+        "name": vae.prefix,
+        "state_dict": vae.state_dict(),
+        **extra,
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[VAE, dict[str, Any]]:
+    """Rebuild the VAE stored at ``path``; returns it (in eval mode) and the whole payload.
+
+    Only tensors and plain containers are read (``weights_only=True``): a file whose pickle
+    would import or run code is refused with :class:`CheckpointError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
+        raise CheckpointError(
+            f"{path}: refused to load, it holds more than tensors and plain values ({first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({error})") from None
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise CheckpointError(f"{path}: not a pyro_vae checkpoint")
+    if payload["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {payload['format_version']!r}; this "
+            f"pyro_vae reads format {FORMAT_VERSION}"
+        )
+    try:
+        vae = VAE(VAEConfig.from_dict(payload["config"]), name=payload.get("name", "vae"))
+        vae.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: inconsistent checkpoint ({error})") from None
+    return vae.to(map_location).eval(), payload

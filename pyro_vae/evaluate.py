@@ -1,0 +1,158 @@
+"""Estimators generic over guides: per-particle log weights, ELBO, importance-sampled log p(x)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .model import VAE
+
+__all__ = ["Evaluation", "elbo", "evaluate", "log_likelihood", "log_weights"]
+
+#: Default bound on particles x images x pixels held at once by the chunked estimators.
+MAX_ELEMENTS = 2**24
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-datapoint averages in nats over ``num_points`` images."""
+
+    elbo: float
+    reconstruction: float
+    kl: float
+    log_likelihood: float
+    num_samples: int
+    num_points: int
+
+    @property
+    def gap(self) -> float:
+        """log p(x) - ELBO, an estimate of E_x KL(q(z|x) || p(z|x)) >= 0."""
+        return self.log_likelihood - self.elbo
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {**asdict(self), "gap": self.gap}
+
+
+def _site_log_prob(site: dict) -> Tensor:
+    """Unscaled log density of a trace site, masked like Pyro does."""
+    log_p = site["fn"].log_prob(site["value"])
+    if site["mask"] is not None:
+        log_p = log_p * site["mask"]
+    return log_p
+
+
+def log_weights(vae: VAE, x: Tensor, num_particles: int) -> dict[str, Tensor]:
+    """Log densities of ``num_particles`` draws z ~ q(z|x), each of shape ``(K, B)``.
+
+    Returns a dict with ``log_lik`` = log p(x|z) (observed sites), ``log_prior`` = log p(z)
+    (latent model sites) and ``log_q`` = log q(z|x); the importance log weight is
+    ``log_lik + log_prior - log_q``. Scales from subsampling plates or annealing are ignored.
+    """
+    with pyro.plate(f"{vae.prefix}.particles", num_particles, dim=-2):
+        guide_trace = poutine.trace(vae.guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    zero = x.new_zeros(num_particles, x.shape[0])
+    out = {"log_lik": zero, "log_prior": zero, "log_q": zero}
+    for key, trace in (("model", model_trace), ("guide", guide_trace)):
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if key == "guide":
+                out["log_q"] = out["log_q"] + _site_log_prob(site)
+            elif site["is_observed"]:
+                out["log_lik"] = out["log_lik"] + _site_log_prob(site)
+            else:
+                out["log_prior"] = out["log_prior"] + _site_log_prob(site)
+    return out
+
+
+def _chunks(total: int, size: int) -> list[int]:
+    return [min(size, total - start) for start in range(0, total, size)]
+
+
+def _particle_chunk(vae: VAE, batch_size: int, max_elements: int) -> int:
+    per_particle = batch_size * (vae.config.data_dim + vae.config.latent_dim**2)
+    return max(1, max_elements // per_particle)
+
+
+@torch.no_grad()
+def _batch_statistics(
+    vae: VAE, x: Tensor, num_samples: int, max_elements: int
+) -> dict[str, Tensor]:
+    """logsumexp of the weights and sums of ELBO terms over K draws, each ``(B,)``."""
+    lse, sums = [], {"log_lik": 0.0, "kl": 0.0}
+    for k in _chunks(num_samples, _particle_chunk(vae, x.shape[0], max_elements)):
+        w = log_weights(vae, x, k)
+        lse.append(torch.logsumexp(w["log_lik"] + w["log_prior"] - w["log_q"], dim=0))
+        sums["log_lik"] = sums["log_lik"] + w["log_lik"].sum(0)
+        sums["kl"] = sums["kl"] + (w["log_q"] - w["log_prior"]).sum(0)
+    log_px = torch.logsumexp(torch.stack(lse), dim=0) - math.log(num_samples)
+    recon, kl = sums["log_lik"] / num_samples, sums["kl"] / num_samples
+    return {"log_likelihood": log_px, "reconstruction": recon, "kl": kl, "elbo": recon - kl}
+
+
+def _check(x: Tensor, vae: VAE, num_samples: int) -> None:
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if x.dim() != 2 or x.shape[-1] != vae.config.data_dim:
+        raise ValueError(f"x must have shape (B, {vae.config.data_dim}), got {tuple(x.shape)}")
+
+
+def log_likelihood(
+    vae: VAE, x: Tensor, num_samples: int = 5000, max_elements: int = MAX_ELEMENTS
+) -> Tensor:
+    r"""Importance-sampled log p(x) per datapoint, ``(B,)``, with q(z|x) as proposal.
+
+    .. math:: \log p(x) \approx \log \frac{1}{K} \sum_{k=1}^{K} \frac{p(x, z_k)}{q(z_k|x)},
+              \quad z_k \sim q(z|x)
+
+    K is processed in chunks holding at most ``max_elements`` particle-pixel values.
+    """
+    _check(x, vae, num_samples)
+    return _batch_statistics(vae, x, num_samples, max_elements)["log_likelihood"]
+
+
+def elbo(vae: VAE, x: Tensor, num_samples: int = 1, max_elements: int = MAX_ELEMENTS) -> Tensor:
+    """Monte Carlo ELBO per datapoint, ``(B,)``, averaged over ``num_samples`` draws."""
+    _check(x, vae, num_samples)
+    return _batch_statistics(vae, x, num_samples, max_elements)["elbo"]
+
+
+def evaluate(
+    vae: VAE,
+    x: Tensor,
+    num_samples: int = 5000,
+    batch_size: int = 100,
+    max_elements: int = MAX_ELEMENTS,
+    progress: bool = False,
+) -> Evaluation:
+    """ELBO, its reconstruction and KL terms, and IS log p(x), averaged over the rows of x.
+
+    All four come from the same K draws per datapoint.
+    """
+    _check(x, vae, num_samples)
+    if x.shape[0] == 0:
+        raise ValueError("cannot evaluate on an empty set of images")
+    totals = dict.fromkeys(("elbo", "reconstruction", "kl", "log_likelihood"), 0.0)
+    was_training = vae.training
+    vae.eval()
+    try:
+        for batch in tqdm(
+            x.split(batch_size), desc="evaluating", disable=not progress, leave=False
+        ):
+            stats = _batch_statistics(vae, batch, num_samples, max_elements)
+            for key in totals:
+                totals[key] += float(stats[key].sum())
+    finally:
+        vae.train(was_training)
+    n = x.shape[0]
+    return Evaluation(
+        **{k: v / n for k, v in totals.items()}, num_samples=num_samples, num_points=n
+    )
