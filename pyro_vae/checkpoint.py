@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,11 @@ def load_checkpoint(
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols; we refuse
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
-        raise CheckpointError(
-            f"{path}: refused to load, it holds more than tensors and plain values ({first})"
-        ) from None
+        raise CheckpointError(_unpickling_message(path, str(error))) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: not a readable checkpoint ({error})") from None
     if not isinstance(payload, dict) or "format_version" not in payload:
@@ -91,3 +91,14 @@ def load_checkpoint(
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: inconsistent checkpoint ({error})") from None
     return vae.to(map_location).eval(), payload
+
+
+def _unpickling_message(path: Path, text: str) -> str:
+    """One line for a refused pickle: what it tried to load, never advice to disable safety."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    culprit = next((line for line in lines if "Unsupported global" in line), None)
+    if culprit is None:
+        return f"{path}: not a readable checkpoint ({lines[-1] if lines else 'bad pickle'})"
+    name = culprit.split("GLOBAL", 1)[-1].split(" was not")[0].strip()
+    return (f"{path}: refused to load, it holds more than tensors and plain values: unpickling "
+            f"it would import {name!r}")

@@ -213,12 +213,13 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
 
 
 def _save_pictures(vae: VAE, valid: torch.Tensor, run_dir: Path) -> list[Path]:
+    """samples.png (64 prior samples) and reconstructions.png (data rows above their decodings)."""
     shape = vae.config.image_shape
     samples = vae.sample_images(64, generator=torch.Generator().manual_seed(0)).cpu()
-    x = valid[:32]
-    pairs = torch.stack(
-        [x.reshape(-1, 8, x.shape[-1]), vae.reconstruct(x).reshape(-1, 8, x.shape[-1])], dim=1
-    ).reshape(-1, 8, x.shape[-1])
+    columns = min(8, valid.shape[0])
+    x = valid[: columns * min(4, valid.shape[0] // columns)]
+    rows = torch.stack([x, vae.reconstruct(x)]).reshape(2, -1, columns, x.shape[-1])
+    pairs = rows.transpose(0, 1).reshape(-1, columns, x.shape[-1])  # data row, then its decoding
     return [
         save_image_grid(run_dir / "samples.png", samples, shape),
         save_image_grid(run_dir / "reconstructions.png", pairs.cpu(), shape),

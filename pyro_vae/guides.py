@@ -152,15 +152,18 @@ class FullCovarianceGuide(AmortizedGuide):
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
         self.register_buffer("eye", torch.eye(latent_dim), persistent=False)
-        self.tril = nn.Linear(self.context_dim, len(rows))
-        nn.init.zeros_(self.tril.weight)  # q starts diagonal
-        nn.init.zeros_(self.tril.bias)
+        # the L' head starts at zero, so q starts diagonal; D = 1 has no off-diagonal entries
+        self.tril = nn.Linear(self.context_dim, len(rows)) if len(rows) else None
+        if self.tril is not None:
+            nn.init.zeros_(self.tril.weight)
+            nn.init.zeros_(self.tril.bias)
 
     def scale_tril(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean ``(B, D)`` and Cholesky factor L ``(B, D, D)``, diag(L) = sigma > 0."""
         loc, scale, h = self.loc_scale(x)
         strict = h.new_zeros(*h.shape[:-1], self.latent_dim, self.latent_dim)
-        strict[..., self.rows, self.cols] = self.tril(h)
+        if self.tril is not None:
+            strict[..., self.rows, self.cols] = self.tril(h)
         if self.parameterization == "plain":
             return loc, strict + torch.diag_embed(scale)
         eye = self.eye.to(h.dtype)

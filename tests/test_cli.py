@@ -1,0 +1,113 @@
+"""Command line end to end on tiny data, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vae.cli import main
+
+
+@pytest.fixture
+def tiny_npy(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny.npy"
+    np.save(path, rng.integers(0, 2, (60, 16)).astype(np.uint8))
+    return path
+
+
+def _train(tiny_npy: Path, out: Path, *extra: str) -> int:
+    return main(["train", "--data", str(tiny_npy), "--epochs", "2", "--batch-size", "16",
+                 "--latent-dim", "2", "--hidden-dims", "8", "--out", str(out), "--quiet",
+                 *extra])
+
+
+def test_train_evaluate_sample_end_to_end(tiny_npy: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    assert _train(tiny_npy, run) == 0
+    out = capsys.readouterr().out
+    for name in ("config.json", "checkpoint.pt", "metrics.csv", "samples.png",
+                 "reconstructions.png"):
+        assert (run / name).stat().st_size > 0, name
+        assert str(run / name) in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["guide"] == "full" and config["model"]["image_shape"] == [4, 4]
+
+    assert main(["evaluate", str(run), "--num-samples", "20", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= {"elbo", "reconstruction", "kl", "log_likelihood", "num_samples",
+                           "split", "num_points"}
+    assert result["num_points"] == 6 and result["split"] == "test"
+    assert result["elbo"] == pytest.approx(result["reconstruction"] - result["kl"])
+    assert result["log_likelihood"] >= result["elbo"]
+
+    assert main(["sample", str(run), "-n", "9", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_python_dash_m_runs_the_same_command_line(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--guide", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "nope" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _bad_inputs(tmp_path: Path, tiny_npy: Path) -> list[tuple[list[str], str]]:
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.where(np.eye(16)[:10] > 0, np.nan, 0.0))
+    gray = tmp_path / "gray.npy"
+    np.save(gray, np.full((10, 16), 0.5))
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 16)))
+    other = tmp_path / "other.npy"
+    np.save(other, np.zeros((30, 25), dtype=np.uint8))
+    run = tmp_path / "good"
+    assert _train(tiny_npy, run) == 0
+    data = ["--data", str(tiny_npy), "--batch-size", "16"]
+    return [
+        (["train", "--guide", "nope"], "nope"),
+        (["train", "--data", "cifar"], "cifar"),
+        (["train", "--data", str(tmp_path / "missing.npy")], "missing.npy"),
+        (["train", "--data", str(nan)], "NaN"),
+        (["train", "--data", str(gray)], "{0, 1}"),
+        (["train", "--data", str(empty)], "empty"),
+        (["train", *data, "--latent-dim", "0"], "positive integer"),
+        (["train", *data, "--epochs", "-3"], "-3"),
+        (["train", *data, "--lr", "0"], "positive"),
+        (["train", *data, "--hidden-dims", "8,x"], "8,x"),
+        (["train", "--data", str(tiny_npy), "--batch-size", "1000"], "larger than the training"),
+        (["train", *data, "--latent-dim", "100000"], "latent_dim"),
+        (["train", *data, "--device", "tpu"], "tpu"),
+        (["train", *data, "--out", str(run)], "--overwrite"),
+        (["evaluate", str(tmp_path / "nowhere")], "not a run folder"),
+        (["evaluate", str(run), "--data", str(other)], "pixels"),
+        (["evaluate", str(run), "--num-samples", "0"], "positive integer"),
+        (["sample", str(run), "--out", str(tmp_path / "s.jpg")], "PNG"),
+    ] + ([] if torch.cuda.is_available() else [(["train", *data, "--device", "cuda"], "GPU")])
+
+
+def test_bad_input_gives_one_line_and_exit_status_2(tiny_npy: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    cases = _bad_inputs(tmp_path, tiny_npy)
+    capsys.readouterr()
+    for argv, needle in cases:
+        status = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert status == 2, (argv, err)
+        assert err.startswith("pyro-vae: error:") and "\n" not in err, (argv, err)
+        assert needle in err, (argv, err)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_failed_validation_creates_no_run_folder(tiny_npy: Path, tmp_path: Path) -> None:
+    out = tmp_path / "never"
+    assert _train(tiny_npy, out, "--guide-option", "tril_scale=-1") == 2
+    assert not out.exists()
