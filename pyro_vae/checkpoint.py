@@ -100,5 +100,7 @@ def _unpickling_message(path: Path, text: str) -> str:
     if culprit is None:
         return f"{path}: not a readable checkpoint ({lines[-1] if lines else 'bad pickle'})"
     name = culprit.split("GLOBAL", 1)[-1].split(" was not")[0].strip()
-    return (f"{path}: refused to load, it holds more than tensors and plain values: unpickling "
-            f"it would import {name!r}")
+    return (
+        f"{path}: refused to load, it holds more than tensors and plain values: unpickling "
+        f"it would import {name!r}"
+    )

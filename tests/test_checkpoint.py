@@ -18,8 +18,9 @@ def test_round_trip_rebuilds_an_identical_model(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "c.pt", vae, epoch=7)
     loaded, payload = load_checkpoint(tmp_path / "c.pt")
     assert loaded.config == config and loaded.prefix == "mine" and payload["epoch"] == 7
-    for (name, a), (_, b) in zip(vae.state_dict().items(), loaded.state_dict().items(),
-                                 strict=True):
+    for (name, a), (_, b) in zip(
+        vae.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     x = torch.bernoulli(torch.full((4, 6), 0.5))
     z = torch.randn(4, 3)

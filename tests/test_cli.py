@@ -23,18 +23,40 @@ def tiny_npy(tmp_path: Path) -> Path:
 
 
 def _train(tiny_npy: Path, out: Path, *extra: str) -> int:
-    return main(["train", "--data", str(tiny_npy), "--epochs", "2", "--batch-size", "16",
-                 "--latent-dim", "2", "--hidden-dims", "8", "--out", str(out), "--quiet",
-                 *extra])
+    return main(
+        [
+            "train",
+            "--data",
+            str(tiny_npy),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--latent-dim",
+            "2",
+            "--hidden-dims",
+            "8",
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
-def test_train_evaluate_sample_end_to_end(tiny_npy: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture) -> None:
+def test_train_evaluate_sample_end_to_end(
+    tiny_npy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     run = tmp_path / "run"
     assert _train(tiny_npy, run) == 0
     out = capsys.readouterr().out
-    for name in ("config.json", "checkpoint.pt", "metrics.csv", "samples.png",
-                 "reconstructions.png"):
+    for name in (
+        "config.json",
+        "checkpoint.pt",
+        "metrics.csv",
+        "samples.png",
+        "reconstructions.png",
+    ):
         assert (run / name).stat().st_size > 0, name
         assert str(run / name) in out
     config = json.loads((run / "config.json").read_text())
@@ -42,8 +64,15 @@ def test_train_evaluate_sample_end_to_end(tiny_npy: Path, tmp_path: Path,
 
     assert main(["evaluate", str(run), "--num-samples", "20", "--json", "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) >= {"elbo", "reconstruction", "kl", "log_likelihood", "num_samples",
-                           "split", "num_points"}
+    assert set(result) >= {
+        "elbo",
+        "reconstruction",
+        "kl",
+        "log_likelihood",
+        "num_samples",
+        "split",
+        "num_points",
+    }
     assert result["num_points"] == 6 and result["split"] == "test"
     assert result["elbo"] == pytest.approx(result["reconstruction"] - result["kl"])
     assert result["log_likelihood"] >= result["elbo"]
@@ -53,8 +82,12 @@ def test_train_evaluate_sample_end_to_end(tiny_npy: Path, tmp_path: Path,
 
 
 def test_python_dash_m_runs_the_same_command_line(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--guide", "nope"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_vae", "train", "--guide", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "nope" in done.stderr
     assert "Traceback" not in done.stderr
@@ -94,8 +127,9 @@ def _bad_inputs(tmp_path: Path, tiny_npy: Path) -> list[tuple[list[str], str]]:
     ] + ([] if torch.cuda.is_available() else [(["train", *data, "--device", "cuda"], "GPU")])
 
 
-def test_bad_input_gives_one_line_and_exit_status_2(tiny_npy: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture) -> None:
+def test_bad_input_gives_one_line_and_exit_status_2(
+    tiny_npy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     cases = _bad_inputs(tmp_path, tiny_npy)
     capsys.readouterr()
     for argv, needle in cases:

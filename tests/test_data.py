@@ -46,14 +46,18 @@ def test_mnist_idx_files_with_each_binarization(tmp_path: Path, compress: bool) 
     assert dynamic.train.shape[0] + dynamic.valid.shape[0] == 30
     assert not _is_binary(dynamic.train) and _is_binary(dynamic.valid)
     g = torch.Generator().manual_seed(0)
-    first, second = dynamic.train_batch(torch.arange(10), g), dynamic.train_batch(torch.arange(10), g)
+    first, second = (
+        dynamic.train_batch(torch.arange(10), g),
+        dynamic.train_batch(torch.arange(10), g),
+    )
     assert _is_binary(first) and not torch.equal(first, second)
     threshold = load_dataset(DataSpec("mnist", str(tmp_path), binarize="threshold"))
     expected = (dynamic.train >= 0.5).float()
     assert torch.equal(threshold.train, expected) and not threshold.dynamic
     static = load_dataset(DataSpec("mnist", str(tmp_path), binarize="static"))
-    assert _is_binary(static.train) and torch.equal(static.train_batch(torch.arange(3)),
-                                                     static.train[:3])
+    assert _is_binary(static.train) and torch.equal(
+        static.train_batch(torch.arange(3)), static.train[:3]
+    )
 
 
 def test_truncated_idx_file_is_rejected(tmp_path: Path) -> None:
@@ -69,8 +73,10 @@ def test_truncated_idx_file_is_rejected(tmp_path: Path) -> None:
 
 def test_binarized_mnist_npz_and_amat(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    splits = {k: rng.integers(0, 2, (n, 9)).astype(np.uint8)
-              for k, n in (("train", 20), ("valid", 6), ("test", 4))}
+    splits = {
+        k: rng.integers(0, 2, (n, 9)).astype(np.uint8)
+        for k, n in (("train", 20), ("valid", 6), ("test", 4))
+    }
     np.savez(tmp_path / "bm.npz", train=splits["train"], valid=splits["valid"])
     data = load_dataset(DataSpec("binarized-mnist", str(tmp_path / "bm.npz")))
     assert torch.equal(data.train, torch.from_numpy(splits["train"]).float())
@@ -105,8 +111,9 @@ def test_plain_array_is_split_80_10_10_and_binarized_on_request(tmp_path: Path) 
         (np.array([["a", "b"]] * 5), "numeric"),
     ],
 )
-def test_bad_arrays_are_rejected_with_the_rule(tmp_path: Path, array: np.ndarray,
-                                               message: str) -> None:
+def test_bad_arrays_are_rejected_with_the_rule(
+    tmp_path: Path, array: np.ndarray, message: str
+) -> None:
     np.save(tmp_path / "bad.npy", array)
     with pytest.raises(DataError, match=message):
         load_dataset(DataSpec("array", str(tmp_path / "bad.npy")))

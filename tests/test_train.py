@@ -26,8 +26,9 @@ def _tiny_data(n: int = 60, pixels: int = 9) -> Dataset:
 def test_training_improves_validation_elbo_and_writes_metrics(tmp_path: Path) -> None:
     data = _tiny_data()
     vae = VAE(VAEConfig(9, 2, (16,), "full", image_shape=(3, 3)))
-    history = fit(vae, data, TrainConfig(num_epochs=30, batch_size=10, lr=1e-2), tmp_path,
-                  progress=False)
+    history = fit(
+        vae, data, TrainConfig(num_epochs=30, batch_size=10, lr=1e-2), tmp_path, progress=False
+    )
     assert len(history) == 30
     assert history[-1]["valid_elbo"] > history[0]["valid_elbo"] + 1.0
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
@@ -72,8 +73,10 @@ def test_full_guide_trains_at_least_as_well_as_diagonal_on_digits() -> None:
     The check is on the mean over two seeds, with the 0.2-nat margin the project promises;
     a mis-scaled factor or a broken log q would cost several nats here.
     """
-    scores = {g: [_train_and_score(g, {}, seed, epochs=60) for seed in (0, 1)]
-              for g in ("diagonal", "full")}
+    scores = {
+        g: [_train_and_score(g, {}, seed, epochs=60) for seed in (0, 1)]
+        for g in ("diagonal", "full")
+    }
     mean = {g: sum(s[0] for s in v) / len(v) for g, v in scores.items()}
     gap = {g: sum(s[1] for s in v) / len(v) for g, v in scores.items()}
     assert mean["full"] >= mean["diagonal"] - 0.2, (mean, gap)
