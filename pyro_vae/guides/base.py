@@ -1,4 +1,4 @@
-"""Amortized posteriors q(z|x): the AmortizedGuide base, the GUIDES registry, every family."""
+"""The guide registry and the AmortizedGuide base every q(z|x) family derives from."""
 
 from __future__ import annotations
 
@@ -6,18 +6,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyro.distributions as dist
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Transform
 
-from .networks import MLP, check_hidden_dims
+from ..networks import MLP, check_hidden_dims
 
 __all__ = [
     "GUIDES",
+    "MIN_SCALE",
     "AmortizedGuide",
-    "DiagonalNormalGuide",
-    "FullCovarianceGuide",
+    "FlowGuide",
     "make_guide",
     "register_guide",
 ]
@@ -94,41 +93,23 @@ class AmortizedGuide(nn.Module):
         raise NotImplementedError
 
 
-@register_guide("diagonal")
-class DiagonalNormalGuide(AmortizedGuide):
-    r"""Mean-field Gaussian.
+class FlowGuide(AmortizedGuide):
+    r"""Base of the normalizing-flow guides: q0(z0|x) pushed through K maps conditioned on h(x).
 
-    .. math:: q(z|x) = \mathcal{N}(z; \mu(x), \operatorname{diag} \sigma^2(x))
-    """
+    .. math:: z = f_K \circ \dots \circ f_1(z_0), \quad
+              \log q(z|x) = \log q_0(z_0|x) - \sum_k \log |\det J_{f_k}|
 
-    def forward(self, x: Tensor) -> Distribution:
-        return self.diagonal_normal(x)[0]
-
-
-@register_guide("full")
-class FullCovarianceGuide(AmortizedGuide):
-    r"""Full-covariance Gaussian, z = mu + L eps (Kingma & Welling 2019, Algorithm 2).
-
-    The encoder returns mu, sigma and a strictly lower-triangular L'. With
-    ``parameterization="scaled"`` (default)
-
-    .. math:: L = \operatorname{diag}(\sigma) (I + c L'), \qquad c = \text{tril\_scale}
-
-    so L stays lower triangular with diagonal sigma > 0, each row moves relative to its own
-    scale, and the small c acts as a learning rate of L' built into the model (plain
-    Algorithm 2 lets Adam inject x-independent noise into z early on and the code collapses).
-    ``parameterization="plain"`` is Algorithm 2 as written: L = mask * L' + diag(sigma).
-    Either way log q(z|x) = -sum_i ((eps_i^2 + log 2 pi) / 2 + log sigma_i).
-
-    References:
-        An Introduction to Variational Autoencoders (Kingma & Welling, 2019), Algorithm 2
+    Subclasses build ``self.flows`` (conditional transforms taking the context h(x) ``(B, C)``)
+    and may override :meth:`transforms`; ``forward`` returns a ``TransformedDistribution``
+    with batch ``(B,)`` and event ``(D,)``. Maps without an analytic inverse score only
+    their own samples, which is what training and evaluation do.
 
     Args:
         data_dim: Number of pixels P.
         latent_dim: Latent size D.
-        hidden_dims: Widths of the encoder trunk.
-        parameterization: ``"scaled"`` or ``"plain"``.
-        tril_scale: c for ``"scaled"``; default 1.5 / D.
+        hidden_dims: Widths of the encoder trunk; the last one is the context size C.
+        num_flows: Number of maps K, at least 1.
+        flow_hidden_dims: Hidden widths of each map's network; default ``(10 * D,)``.
     """
 
     def __init__(
@@ -136,36 +117,23 @@ class FullCovarianceGuide(AmortizedGuide):
         data_dim: int,
         latent_dim: int,
         hidden_dims: Sequence[int] = (400,),
-        parameterization: str = "scaled",
-        tril_scale: float | None = None,
+        num_flows: int = 4,
+        flow_hidden_dims: Sequence[int] | None = None,
     ) -> None:
         super().__init__(data_dim, latent_dim, hidden_dims)
-        if parameterization not in ("scaled", "plain"):
-            raise ValueError(
-                f"parameterization must be 'scaled' or 'plain', got {parameterization!r}"
-            )
-        if tril_scale is not None and not tril_scale > 0:
-            raise ValueError(f"tril_scale must be > 0, got {tril_scale!r}")
-        self.parameterization = parameterization
-        self.tril_scale = 1.5 / latent_dim if tril_scale is None else float(tril_scale)
-        rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
-        self.register_buffer("eye", torch.eye(latent_dim), persistent=False)
-        self.tril = nn.Linear(self.context_dim, len(rows))
-        nn.init.zeros_(self.tril.weight)  # q starts diagonal
-        nn.init.zeros_(self.tril.bias)
+        if not isinstance(num_flows, int) or isinstance(num_flows, bool) or num_flows < 1:
+            raise ValueError(f"num_flows must be a positive integer, got {num_flows!r}")
+        self.num_flows = num_flows
+        default = (10 * latent_dim,)
+        self.flow_hidden_dims = check_hidden_dims(
+            default if flow_hidden_dims is None else flow_hidden_dims
+        )
+        self.flows = nn.ModuleList()
 
-    def scale_tril(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean ``(B, D)`` and Cholesky factor L ``(B, D, D)``, diag(L) = sigma > 0."""
-        loc, scale, h = self.loc_scale(x)
-        strict = h.new_zeros(*h.shape[:-1], self.latent_dim, self.latent_dim)
-        strict[..., self.rows, self.cols] = self.tril(h)
-        if self.parameterization == "plain":
-            return loc, strict + torch.diag_embed(scale)
-        eye = self.eye.to(h.dtype)
-        return loc, scale.unsqueeze(-1) * (eye + self.tril_scale * strict)
+    def transforms(self, h: Tensor) -> list[Transform]:
+        """The maps f_1..f_K conditioned on the context h(x) ``(B, C)``."""
+        return [flow.condition(h) for flow in self.flows]
 
     def forward(self, x: Tensor) -> Distribution:
-        loc, scale_tril = self.scale_tril(x)
-        return dist.MultivariateNormal(loc, scale_tril=scale_tril)
+        base, h = self.diagonal_normal(x)  # base: batch (B,), event (D,); h: (B, C)
+        return dist.TransformedDistribution(base, self.transforms(h))
