@@ -3,16 +3,78 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import pyro.distributions.transforms as T
 import torch
+import torch.nn.functional as F
+from pyro.distributions.transforms.planar import ConditionedPlanar
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor
 from torch.distributions import Transform
 
 from .base import FlowGuide, register_guide
 
-__all__ = ["IAFGuide", "PlanarGuide", "RadialGuide", "SplineGuide"]
+__all__ = [
+    "PLANAR_MARGIN",
+    "ConditionalStablePlanar",
+    "ConditionedStablePlanar",
+    "IAFGuide",
+    "PlanarGuide",
+    "RadialGuide",
+    "SplineGuide",
+]
+
+#: delta in w.u_hat = softplus(w.u) - 1 + delta: keeps det J >= delta in floating point.
+PLANAR_MARGIN = 1e-4
+
+
+class ConditionedStablePlanar(ConditionedPlanar):
+    r"""Pyro's planar map with the invertibility condition kept in floating point.
+
+    Pyro sets :math:`w^\top \hat u = \operatorname{softplus}(w^\top u) - 1`, which rounds to
+    exactly -1 once :math:`w^\top u` is below about -17 (float32) or -37 (float64); then
+    :math:`\det J = 1 + \tanh'(a) w^\top \hat u` reaches 0 at a = 0 and log q is infinite.
+    Here :math:`w^\top \hat u = \operatorname{softplus}(w^\top u) - 1 + \delta` and
+
+    .. math:: \det J = \tanh^2(a) + (1 - \tanh^2(a))
+              (\operatorname{softplus}(w^\top u) + \delta) \ge \delta > 0,
+              \quad a = w^\top z + b
+
+    is computed without cancellation.
+
+    Args:
+        params: Callable returning bias ``(B, 1)``, u ``(B, D)`` and w ``(B, D)``.
+        margin: delta > 0.
+    """
+
+    def __init__(self, params: object, margin: float = PLANAR_MARGIN) -> None:
+        super().__init__(params)
+        self.margin = margin
+
+    def _slope(self, u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        """w.u ``(B, 1)`` and 1 + w.u_hat = softplus(w.u) + delta ``(B, 1)``."""
+        alpha = (u * w).sum(-1, keepdim=True)
+        return alpha, F.softplus(alpha) + self.margin
+
+    def u_hat(self, u: Tensor, w: Tensor) -> Tensor:
+        alpha, one_plus = self._slope(u, w)
+        return u + (one_plus - 1 - alpha) * w / w.pow(2).sum(-1, keepdim=True)
+
+    def _call(self, x: Tensor) -> Tensor:
+        bias, u, w = self._params() if callable(self._params) else self._params
+        act = torch.tanh((w * x).sum(-1, keepdim=True) + bias)
+        _, one_plus = self._slope(u, w)
+        square = act.pow(2)
+        self._cached_logDetJ = torch.log(square + (1 - square) * one_plus).squeeze(-1)
+        return x + self.u_hat(u, w) * act
+
+
+class ConditionalStablePlanar(T.ConditionalPlanar):
+    """``ConditionalPlanar`` whose conditioned maps are :class:`ConditionedStablePlanar`."""
+
+    def condition(self, context: Tensor) -> ConditionedStablePlanar:
+        return ConditionedStablePlanar(partial(self._params, context))
 
 
 class _AutoregressiveFlowGuide(FlowGuide):
@@ -146,9 +208,10 @@ class PlanarGuide(FlowGuide):
     .. math:: z_k = z_{k-1} + \hat u \tanh(w^\top z_{k-1} + b), \quad
               (u, w, b) = \mathrm{MLP}_k(h(x))
 
-    Pyro replaces u by :math:`\hat u = u + (\operatorname{softplus}(w^\top u) - 1 -
-    w^\top u) w / \|w\|^2`, so :math:`w^\top \hat u > -1` for every parameter value and each
-    map is invertible. There is no analytic inverse: the guide scores its own samples.
+    u is replaced by :math:`\hat u = u + (\operatorname{softplus}(w^\top u) - 1 + \delta -
+    w^\top u) w / \|w\|^2`, so :math:`w^\top \hat u \ge \delta - 1 > -1` for every
+    parameter value, also in floating point (:class:`ConditionedStablePlanar`), and each map
+    is invertible. There is no analytic inverse: the guide scores its own samples.
 
     References:
         Variational Inference with Normalizing Flows (Rezende & Mohamed, 2015)
@@ -171,7 +234,9 @@ class PlanarGuide(FlowGuide):
     ) -> None:
         super().__init__(data_dim, latent_dim, hidden_dims, num_flows, flow_hidden_dims)
         self.flows.extend(
-            T.conditional_planar(latent_dim, self.context_dim, list(self.flow_hidden_dims))
+            ConditionalStablePlanar(
+                T.conditional_planar(latent_dim, self.context_dim, list(self.flow_hidden_dims)).nn
+            )
             for _ in range(num_flows)
         )
 
