@@ -16,7 +16,7 @@ from . import __version__
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint
 from .data import BINARIZE_MODES, DATASETS, DataError, DataSpec, load_dataset
 from .evaluate import evaluate
-from .guides import GUIDES
+from .guides import GUIDES, FlowGuide
 from .model import VAE, VAEConfig
 from .pictures import save_image_grid
 from .train import CHECKPOINT, METRICS, TrainConfig, TrainingDiverged, fit
@@ -114,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="extra guide argument, e.g. tril_scale=0.03",
     )
+    train.add_argument(
+        "--num-flows",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help=f"maps in a flow guide ({', '.join(_flow_guides())}); default 4",
+    )
+    train.add_argument(
+        "--flow-hidden-dims",
+        type=_int_list,
+        default=None,
+        help="hidden widths of each flow map's network, comma-separated; default 10 * latent",
+    )
     train.add_argument("--latent-dim", type=_positive_int, default=16)
     train.add_argument(
         "--hidden-dims",
@@ -151,6 +164,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _flow_guides() -> list[str]:
+    return sorted(key for key, cls in GUIDES.items() if issubclass(cls, FlowGuide))
+
+
+def guide_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--guide-option`` pairs plus the flow flags (recorded only for flow guides)."""
+    options = dict(args.guide_option)
+    flags = {"--num-flows": args.num_flows, "--flow-hidden-dims": args.flow_hidden_dims}
+    if not issubclass(GUIDES[args.guide], FlowGuide):
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise UsageError(
+                f"{given[0]} applies to the flow guides ({', '.join(_flow_guides())}), "
+                f"not to --guide {args.guide}"
+            )
+        return options
+    if args.num_flows is not None or "num_flows" not in options:
+        options["num_flows"] = args.num_flows or 4
+    if args.flow_hidden_dims is not None:
+        options["flow_hidden_dims"] = list(args.flow_hidden_dims)
+    return options
 
 
 def resolve_device(name: str) -> torch.device:
@@ -250,7 +286,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.latent_dim,
         args.hidden_dims,
         args.guide,
-        dict(args.guide_option),
+        guide_options(args),
         data.image_shape,
     )
     pyro.set_rng_seed(args.seed)

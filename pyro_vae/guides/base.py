@@ -1,0 +1,139 @@
+"""The guide registry and the AmortizedGuide base every q(z|x) family derives from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyro.distributions as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Distribution, Transform
+
+from ..networks import MLP, check_hidden_dims
+
+__all__ = [
+    "GUIDES",
+    "MIN_SCALE",
+    "AmortizedGuide",
+    "FlowGuide",
+    "make_guide",
+    "register_guide",
+]
+
+#: Registry of guide families, key -> class; the CLI's ``--guide`` choices and the tests read it.
+GUIDES: dict[str, type[AmortizedGuide]] = {}
+
+MIN_SCALE = 1e-4
+
+
+def register_guide(key: str) -> Callable[[type[AmortizedGuide]], type[AmortizedGuide]]:
+    """Class decorator adding a guide family to ``GUIDES`` under ``key``."""
+
+    def add(cls: type[AmortizedGuide]) -> type[AmortizedGuide]:
+        if key in GUIDES:
+            raise ValueError(f"guide {key!r} is already registered by {GUIDES[key].__name__}")
+        GUIDES[key] = cls
+        cls.key = key
+        return cls
+
+    return add
+
+
+def make_guide(
+    key: str, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (400,), **options: Any
+) -> AmortizedGuide:
+    """Build the guide registered under ``key``; ``options`` go to its constructor."""
+    if key not in GUIDES:
+        raise ValueError(f"unknown guide {key!r}; choose one of {', '.join(sorted(GUIDES))}")
+    try:
+        return GUIDES[key](data_dim, latent_dim, hidden_dims, **options)
+    except TypeError as error:
+        raise ValueError(f"bad options {options!r} for guide {key!r}: {error}") from None
+
+
+class AmortizedGuide(nn.Module):
+    """Encoder trunk h(x) and a diagonal Gaussian head; ``forward(x)`` returns q(z|x).
+
+    Subclasses implement ``__init__`` and ``forward``; ``forward`` returns a distribution with
+    batch shape ``(B,)`` and event shape ``(D,)`` for ``x`` of shape ``(B, P)``.
+
+    Args:
+        data_dim: Number of pixels P.
+        latent_dim: Latent size D.
+        hidden_dims: Widths of the encoder trunk; the last one is the context size C.
+    """
+
+    key: str = ""
+
+    def __init__(
+        self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (400,)
+    ) -> None:
+        super().__init__()
+        for name, value in (("data_dim", data_dim), ("latent_dim", latent_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        dims = check_hidden_dims(hidden_dims)
+        self.data_dim, self.latent_dim, self.context_dim = data_dim, latent_dim, dims[-1]
+        self.trunk = MLP(data_dim, dims[:-1], dims[-1], final_activation=True)
+        self.loc = nn.Linear(self.context_dim, latent_dim)
+        self.raw_scale = nn.Linear(self.context_dim, latent_dim)
+
+    def loc_scale(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean ``(B, D)``, positive scale ``(B, D)`` and context h(x) ``(B, C)``."""
+        h = self.trunk(x)
+        return self.loc(h), F.softplus(self.raw_scale(h)) + MIN_SCALE, h
+
+    def diagonal_normal(self, x: Tensor) -> tuple[Distribution, Tensor]:
+        """Base Gaussian N(mu(x), diag sigma(x)^2) (batch ``(B,)``, event ``(D,)``) and h(x)."""
+        loc, scale, h = self.loc_scale(x)
+        return dist.Normal(loc, scale).to_event(1), h
+
+    def forward(self, x: Tensor) -> Distribution:
+        raise NotImplementedError
+
+
+class FlowGuide(AmortizedGuide):
+    r"""Base of the normalizing-flow guides: q0(z0|x) pushed through K maps conditioned on h(x).
+
+    .. math:: z = f_K \circ \dots \circ f_1(z_0), \quad
+              \log q(z|x) = \log q_0(z_0|x) - \sum_k \log |\det J_{f_k}|
+
+    Subclasses build ``self.flows`` (conditional transforms taking the context h(x) ``(B, C)``)
+    and may override :meth:`transforms`; ``forward`` returns a ``TransformedDistribution``
+    with batch ``(B,)`` and event ``(D,)``. Maps without an analytic inverse score only
+    their own samples, which is what training and evaluation do.
+
+    Args:
+        data_dim: Number of pixels P.
+        latent_dim: Latent size D.
+        hidden_dims: Widths of the encoder trunk; the last one is the context size C.
+        num_flows: Number of maps K, at least 1.
+        flow_hidden_dims: Hidden widths of each map's network; default ``(10 * D,)``.
+    """
+
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int,
+        hidden_dims: Sequence[int] = (400,),
+        num_flows: int = 4,
+        flow_hidden_dims: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(data_dim, latent_dim, hidden_dims)
+        if not isinstance(num_flows, int) or isinstance(num_flows, bool) or num_flows < 1:
+            raise ValueError(f"num_flows must be a positive integer, got {num_flows!r}")
+        self.num_flows = num_flows
+        default = (10 * latent_dim,)
+        self.flow_hidden_dims = check_hidden_dims(
+            default if flow_hidden_dims is None else flow_hidden_dims
+        )
+        self.flows = nn.ModuleList()
+
+    def transforms(self, h: Tensor) -> list[Transform]:
+        """The maps f_1..f_K conditioned on the context h(x) ``(B, C)``."""
+        return [flow.condition(h) for flow in self.flows]
+
+    def forward(self, x: Tensor) -> Distribution:
+        base, h = self.diagonal_normal(x)  # base: batch (B,), event (D,); h: (B, C)
+        return dist.TransformedDistribution(base, self.transforms(h))
