@@ -130,6 +130,8 @@ def fit(
     """
     _check_fit_args(vae, data, config, run_dir, resume)
     run_dir = None if run_dir is None else Path(run_dir)
+    if run_dir is not None and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
     data = data.to(vae.prior_loc.device)
     loss_fn = _make_loss(config).differentiable_loss
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
