@@ -192,7 +192,10 @@ def _run_epoch(
     bar.set_description(f"epoch {epoch}/{config.num_epochs}")
     vae.train()
     train_elbo = _train_epoch(vae, data, loss_fn, optimizer, config, generator, epoch, bar)
-    valid_elbo = _valid_elbo(vae, data.valid, config.batch_size)
+    try:
+        valid_elbo = _valid_elbo(vae, data.valid, config.batch_size)
+    except ValueError as error:
+        raise _invalid_parameters(error, f"epoch {epoch}, validation") from None
     if not math.isfinite(valid_elbo):
         raise TrainingDiverged(
             f"the validation ELBO became {valid_elbo} after epoch {epoch}; {_REMEDY}"
@@ -261,7 +264,11 @@ def _train_epoch(
     batches = minibatches(num_data, config.batch_size, generator, data.train.device)
     for step, index in enumerate(batches, start=1):
         x = data.train_batch(index)
-        loss, norm = _step(vae, loss_fn, optimizer, x, num_data, config.clip_norm)
+        try:
+            loss, norm = _step(vae, loss_fn, optimizer, x, num_data, config.clip_norm)
+        except ValueError as error:  # distribution validation refuses NaN/inf parameters
+            _check_finite(window, epoch, step - len(window))  # an earlier step caused it?
+            raise _invalid_parameters(error, f"epoch {epoch}, step {step}") from None
         window.append(torch.stack((loss, norm)))
         total += loss * (x.shape[0] / num_data)
         seen += x.shape[0]
@@ -296,6 +303,8 @@ def _step(
 
 def _check_finite(window: list[Tensor], epoch: int, first_step: int) -> None:
     """Raise TrainingDiverged naming the first step whose loss or gradient is NaN/inf."""
+    if not window:
+        return
     values = torch.stack(window).cpu()  # (steps, 2): loss, gradient norm
     finite = values.isfinite().all(dim=1)
     if bool(finite.all()):
@@ -305,6 +314,18 @@ def _check_finite(window: list[Tensor], epoch: int, first_step: int) -> None:
     raise TrainingDiverged(
         f"training diverged at epoch {epoch}, step {first_step + index}: loss {loss:g}, "
         f"gradient norm {norm:g}; {_REMEDY}"
+    )
+
+
+def _invalid_parameters(error: ValueError, when: str) -> Exception:
+    """TrainingDiverged for Pyro's 'found invalid values' error; other errors unchanged."""
+    message = str(error)
+    if "found invalid values" not in message:
+        return error
+    where = message.split(" of distribution")[0].split(" (Tensor")[0]  # "Expected parameter x"
+    return TrainingDiverged(
+        f"training diverged at {when}: NaN/inf in a distribution "
+        f"parameter ({where.removeprefix('Expected parameter ')}); {_REMEDY}"
     )
 
 

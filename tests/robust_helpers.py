@@ -49,3 +49,12 @@ def save_binary_npy(path: Path, num_images: int = 40, pixels: int = 16, seed: in
 
 def without_seconds(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def cli_train(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    """``pyro-vae train`` arguments for a tiny diagonal-guide run on ``data``."""
+    return [
+        "train", "--data", str(data), "--epochs", str(epochs), "--batch-size", "8",
+        "--latent-dim", "2", "--hidden-dims", "8", "--guide", "diagonal", "--seed", "4",
+        "--out", str(out), "--quiet", *extra,
+    ]  # fmt: skip

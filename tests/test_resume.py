@@ -16,6 +16,7 @@ import pyro
 import pytest
 import torch
 from robust_helpers import (
+    cli_train,
     save_binary_npy,
     tiny_config,
     tiny_data,
@@ -121,14 +122,6 @@ def test_ctrl_c_keeps_last_epoch_and_resumes_identically(
     resumed = tiny_vae(seed=1)
     fit(resumed, tiny_data(), tiny_config(4), tmp_path, progress=False, resume=True)
     assert_same_parameters(full, resumed)
-
-
-def cli_train(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
-    return [
-        "train", "--data", str(data), "--epochs", str(epochs), "--batch-size", "8",
-        "--latent-dim", "2", "--hidden-dims", "8", "--guide", "diagonal", "--seed", "4",
-        "--out", str(out), "--quiet", *extra,
-    ]  # fmt: skip
 
 
 def test_cli_ctrl_c_exits_130_with_resume_hint(
