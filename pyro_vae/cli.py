@@ -177,9 +177,13 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     return parser
 
 
+class _Unset(list):
+    """Default that marks an option argv did not set; a list, so "append" options work."""
+
+
 def _given_train_options(argv: Sequence[str]) -> set[str]:
     """Destinations of the ``train`` options written in ``argv`` (not filled from defaults)."""
-    unset = object()
+    unset = _Unset()
     dests = vars(build_parser().parse_args(["train"]))
     probe = build_parser({dest: unset for dest in dests}).parse_args(argv)
     return {dest for dest, value in vars(probe).items() if value is not unset}
@@ -397,10 +401,10 @@ def _report_stop(
     saved = (run_dir / LAST).exists()
     if isinstance(error, TrainingInterrupted):
         hint = f"; continue with: pyro-vae train --resume {run_dir}" if saved else ""
-        print(f"pyro-vae: {error}{hint}", file=sys.stderr)
+        print(f"pyro-vae: {_one_line(error)}{hint}", file=sys.stderr)
         return 130
     hint = f"; then: pyro-vae train --resume {run_dir} --lr LOWER" if saved else ""
-    print(f"pyro-vae: error: {error}{hint}", file=sys.stderr)
+    print(f"pyro-vae: error: {_one_line(error)}{hint}", file=sys.stderr)
     return 1
 
 
@@ -458,6 +462,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample}
 
 
+def _one_line(error: BaseException) -> str:
+    """The message with line breaks shown as ``\\n`` (a quoted value may contain them)."""
+    return "\\n".join(str(error).splitlines())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for bad input)."""
     try:
@@ -466,13 +475,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.argv = argv
         return COMMANDS[args.command](args)
     except (UsageError, DataError, CheckpointError) as error:
-        print(f"pyro-vae: error: {error}", file=sys.stderr)
+        print(f"pyro-vae: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except ValueError as error:  # invalid settings caught by the library's constructors
-        print(f"pyro-vae: error: {error}", file=sys.stderr)
+        print(f"pyro-vae: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:
-        print(f"pyro-vae: error: {error}", file=sys.stderr)
+        print(f"pyro-vae: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)

@@ -178,6 +178,11 @@ OTHER_CASES: list[tuple[str, Callable[[P], list[str]], list[str]]] = [
         ["--guide cannot change", "config.json"],
     ),
     (
+        "resume, guide option",
+        lambda p: ["train", "--resume", str(p["run"]), "--guide-option", "x=1", "--epochs", "2"],
+        ["--guide-option cannot change"],
+    ),
+    (
         "resume unsafe state",
         lambda p: ["train", "--resume", str(p["evil"]), "--epochs", "2"],
         ["refused to load"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import signal
@@ -188,3 +189,15 @@ def test_kill_9_mid_epoch_loses_at_most_that_epoch(tmp_path: Path) -> None:
     for key, value in reference["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
     assert without_seconds(resumed["history"]) == without_seconds(reference["history"])
+
+
+def test_cli_resume_may_change_lr_and_epochs(tmp_path: Path) -> None:
+    data = save_binary_npy(tmp_path / "d.npy")
+    run = tmp_path / "run"
+    assert main(cli_train(data, run, 1)) == 0
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--lr", "0.0005"]) == 0
+    config = json.loads((run / "config.json").read_text())["train"]
+    assert config["num_epochs"] == 2 and config["lr"] == 0.0005 and config["batch_size"] == 8
+    state = read_payload(run / LAST)
+    assert state["epoch"] == 2 and state["optimizer"]["param_groups"][0]["lr"] == 0.0005
+    assert [row["epoch"] for row in metrics_rows(run / METRICS)] == ["1", "2"]
