@@ -136,12 +136,7 @@ def fit(
     loss_fn = _make_loss(config).differentiable_loss
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
-    state = Progress()
-    if resume:
-        state = load_training_state(run_dir / LAST, vae, optimizer, generator, config)
-        for group in optimizer.param_groups:  # a resumed run may lower the learning rate
-            group["lr"] = config.lr
-        write_metrics(run_dir / METRICS, state.history)  # drop rows of a lost epoch
+    state = _restore(run_dir, vae, optimizer, generator, config) if resume else Progress()
     steps = math.ceil(data.train.shape[0] / config.batch_size)
     with tqdm(
         total=config.num_epochs * steps,
@@ -175,6 +170,21 @@ def _check_fit_args(
         )
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir that holds last.pt")
+
+
+def _restore(
+    run_dir: Path,
+    vae: VAE,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: TrainConfig,
+) -> Progress:
+    """Load ``last.pt`` into the model, optimizer and random streams; returns the progress."""
+    state = load_training_state(run_dir / LAST, vae, optimizer, generator, config)
+    for group in optimizer.param_groups:  # a resumed run may lower the learning rate
+        group["lr"] = config.lr
+    write_metrics(run_dir / METRICS, state.history)  # drops the row of an epoch lost in a crash
+    return state
 
 
 def _run_epoch(

@@ -181,7 +181,8 @@ def test_kill_9_mid_epoch_loses_at_most_that_epoch(tmp_path: Path) -> None:
         process.wait()
     saved = read_payload(run / LAST)["epoch"]
     rows = len(metrics_rows(run / METRICS))
-    assert saved >= 2 and rows in (saved, saved + 1)  # only the unfinished epoch is lost
+    # metrics.csv is written just before last.pt: at most the epoch in progress is lost
+    assert saved >= 1 and rows in (saved, saved + 1)
     final = saved + 1
     assert main(["train", "--resume", str(run), "--epochs", str(final)]) == 0
     assert main(cli_train(data, tmp_path / "ref", final)) == 0
