@@ -403,7 +403,10 @@ def _report_stop(
         hint = f"; continue with: pyro-vae train --resume {run_dir}" if saved else ""
         print(f"pyro-vae: {_one_line(error)}{hint}", file=sys.stderr)
         return 130
-    hint = f"; then: pyro-vae train --resume {run_dir} --lr LOWER" if saved else ""
+    if saved:
+        hint = f"; then: pyro-vae train --resume {run_dir} --lr LOWER"
+    else:
+        hint = f"; no epoch had finished, so {run_dir} keeps no run"
     print(f"pyro-vae: error: {_one_line(error)}{hint}", file=sys.stderr)
     return 1
 
