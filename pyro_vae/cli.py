@@ -254,7 +254,12 @@ def _resume_settings(args: argparse.Namespace) -> tuple[DataSpec, VAEConfig, Tra
     run_dir = args.resume
     if args.overwrite:
         raise UsageError("--resume continues a run and --overwrite replaces it; pass one")
-    given = _given_train_options(args.argv) - {"command"}
+    argv = getattr(args, "argv", None)  # set by main(); absent when called with a Namespace
+    if argv is not None:
+        given = _given_train_options(argv) - {"command"}
+    else:
+        defaults = vars(build_parser().parse_args(["train"]))
+        given = {key for key, value in vars(args).items() if value != defaults.get(key, value)}
     fixed = sorted(given - set(RESUME_FLAGS))
     if fixed:
         flags = ", ".join("--" + key.replace("_", "-") for key in fixed)
