@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "atomic_write",
     "load_checkpoint",
+    "read_payload",
     "save_checkpoint",
 ]
 
@@ -45,6 +46,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable where the platform allows opening folders (POSIX)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(path: str | Path, vae: VAE, **extra: Any) -> None:
@@ -59,6 +75,34 @@ def save_checkpoint(path: str | Path, vae: VAE, **extra: Any) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+def read_payload(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The dict stored at ``path``, read safely and checked for this format version.
+
+    Only tensors and plain containers are read (``weights_only=True``): a file whose pickle
+    would import or run code is refused with :class:`CheckpointError` and nothing of it runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle is refused below; no torch warning
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(_unpickling_message(path, str(error))) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise CheckpointError(f"{path}: not a pyro_vae checkpoint")
+    if payload["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {payload['format_version']!r}; this "
+            f"pyro_vae reads format {FORMAT_VERSION}"
+        )
+    return payload
+
+
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[VAE, dict[str, Any]]:
@@ -67,29 +111,13 @@ def load_checkpoint(
     Only tensors and plain containers are read (``weights_only=True``): a file whose pickle
     would import or run code is refused with :class:`CheckpointError`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols; we refuse
-            warnings.simplefilter("ignore", UserWarning)
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(_unpickling_message(path, str(error))) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({error})") from None
-    if not isinstance(payload, dict) or "format_version" not in payload:
-        raise CheckpointError(f"{path}: not a pyro_vae checkpoint")
-    if payload["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {payload['format_version']!r}; this "
-            f"pyro_vae reads format {FORMAT_VERSION}"
-        )
+    payload = read_payload(path, map_location)
     try:
         vae = VAE(VAEConfig.from_dict(payload["config"]), name=payload.get("name", "vae"))
         vae.load_state_dict(payload["state_dict"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: inconsistent checkpoint ({error})") from None
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: inconsistent checkpoint ({first})") from None
     return vae.to(map_location).eval(), payload
 
 

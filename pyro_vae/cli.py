@@ -13,18 +13,28 @@ import pyro
 import torch
 
 from . import __version__
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, read_payload
 from .data import BINARIZE_MODES, DATASETS, DataError, DataSpec, load_dataset
 from .evaluate import evaluate
 from .guides import GUIDES, FlowGuide
 from .model import VAE, VAEConfig
 from .pictures import save_image_grid
-from .train import CHECKPOINT, METRICS, TrainConfig, TrainingDiverged, fit
+from .resume import LAST
+from .train import (
+    CHECKPOINT,
+    METRICS,
+    TrainConfig,
+    TrainingDiverged,
+    TrainingInterrupted,
+    fit,
+)
 
 __all__ = ["main"]
 
 CONFIG = "config.json"
-RUN_FILES = (CONFIG, CHECKPOINT, METRICS, "samples.png", "reconstructions.png")
+RUN_FILES = (CONFIG, CHECKPOINT, LAST, METRICS, "samples.png", "reconstructions.png")
+#: train flags that ``--resume`` accepts; every other setting comes from the run's config.json.
+RESUME_FLAGS = ("resume", "epochs", "lr", "clip_norm", "device", "quiet")
 
 
 class UsageError(ValueError):
@@ -98,7 +108,8 @@ def _add_data_args(parser: argparse.ArgumentParser, default: Sequence[str] | Non
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The ``pyro-vae`` parser; ``train_defaults`` replaces defaults of ``train`` options."""
     parser = _Parser(prog="pyro-vae", description="Variational autoencoders in Pyro.")
     parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -138,10 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, default=100)
     train.add_argument("--lr", type=_positive_float, default=1e-3)
     train.add_argument("--num-particles", type=_positive_int, default=1)
+    train.add_argument(
+        "--clip-norm",
+        type=_positive_float,
+        default=None,
+        help="clip the gradient's total norm to this value (default: no clipping)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     train.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    train.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last.pt (settings from its config.json; "
+        "--epochs, --lr, --clip-norm may change)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = commands.add_parser("evaluate", help="ELBO and IS log p(x) of a trained run")
@@ -160,7 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", "--num-images", type=_positive_int, default=64)
     sample.add_argument("--out", type=Path, default=None)
     sample.add_argument("--seed", type=int, default=0)
+    if train_defaults:
+        train.set_defaults(**train_defaults)
     return parser
+
+
+class _Unset(list):
+    """Default that marks an option argv did not set; a list, so "append" options work."""
+
+
+def _given_train_options(argv: Sequence[str]) -> set[str]:
+    """Destinations of the ``train`` options written in ``argv`` (not filled from defaults)."""
+    unset = _Unset()
+    dests = vars(build_parser().parse_args(["train"]))
+    probe = build_parser({dest: unset for dest in dests}).parse_args(argv)
+    return {dest for dest, value in vars(probe).items() if value is not unset}
 
 
 # ---------------------------------------------------------------- helpers
@@ -216,20 +255,77 @@ def data_spec(values: Sequence[str], binarize: str | None, seed: int = 0) -> Dat
     return DataSpec(name, path, binarize, seed)
 
 
-def _prepare_run_dir(out: Path | None, data: DataSpec, guide: str, overwrite: bool) -> Path:
+def _prepare_run_dir(
+    out: Path | None, data: DataSpec, guide: str, overwrite: bool
+) -> tuple[Path, bool]:
+    """The run folder, emptied of an old run's files; also whether it was created here."""
     run_dir = out or Path("runs") / f"{data.name}-{guide}"
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir}: exists and is not a folder")
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if existing and not overwrite:
         raise UsageError(
-            f"--out {run_dir}: already holds a run ({', '.join(existing)}); "
-            "pass --overwrite or choose another --out"
+            f"--out {run_dir}: already holds a run ({', '.join(existing)}); pass "
+            f"--resume {run_dir} to continue it, --overwrite to replace it, or another --out"
         )
     for name in existing:
         (run_dir / name).unlink()
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return run_dir, created
+
+
+def _discard_unstarted(run_dir: Path, created: bool) -> None:
+    """Remove what a run wrote before its first epoch ended, so no empty run is left behind."""
+    if (run_dir / LAST).exists():
+        return
+    for name in (CONFIG, METRICS):
+        (run_dir / name).unlink(missing_ok=True)
+    if created and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def _resume_settings(args: argparse.Namespace) -> tuple[DataSpec, VAEConfig, TrainConfig]:
+    """Data, model and training settings of the run in ``--resume RUN_DIR``."""
+    run_dir = args.resume
+    if args.overwrite:
+        raise UsageError("--resume continues a run and --overwrite replaces it; pass one")
+    argv = getattr(args, "argv", None)  # set by main(); absent when called with a Namespace
+    if argv is not None:
+        given = _given_train_options(argv) - {"command"}
+    else:
+        defaults = vars(build_parser().parse_args(["train"]))
+        given = {key for key, value in vars(args).items() if value != defaults.get(key, value)}
+    fixed = sorted(given - set(RESUME_FLAGS))
+    if fixed:
+        flags = ", ".join("--" + key.replace("_", "-") for key in fixed)
+        raise UsageError(
+            f"--resume {run_dir}: {flags} cannot change, the run's settings come from "
+            f"{run_dir / CONFIG}; only --epochs, --lr, --clip-norm, --device, --quiet apply"
+        )
+    run = _read_run(run_dir)
+    if not (run_dir / LAST).is_file():
+        raise UsageError(
+            f"--resume {run_dir}: no {LAST} (no epoch finished); start again with --overwrite"
+        )
+    try:
+        spec, config = DataSpec(**run["data"]), VAEConfig.from_dict(run["model"])
+        stored = dict(run["train"])
+        for key in ("epochs", "lr", "clip_norm"):
+            if key in given:
+                stored["num_epochs" if key == "epochs" else key] = getattr(args, key)
+        train_config = TrainConfig(**stored)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UsageError(f"{run_dir / CONFIG}: not a usable run configuration ({error})") from None
+    done = read_payload(run_dir / LAST).get("epoch")
+    if not isinstance(done, int) or done >= train_config.num_epochs:
+        raise UsageError(
+            f"--resume {run_dir}: already trained {done!r} of {train_config.num_epochs} epochs; "
+            "pass --epochs N with a larger N to train longer"
+        )
+    for stale in run_dir.glob(".*.tmp"):  # left by a writer killed before its rename
+        stale.unlink()
+    return spec, config, train_config
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -267,31 +363,40 @@ def _save_pictures(vae: VAE, valid: torch.Tensor, run_dir: Path) -> list[Path]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    spec = data_spec(args.data, args.binarize)
-    train_config = TrainConfig(
-        num_epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        num_particles=args.num_particles,
-        seed=args.seed,
-    )
+    resuming = args.resume is not None
+    if resuming:
+        spec, config, train_config = _resume_settings(args)
+    else:
+        spec, config = data_spec(args.data, args.binarize), None
+        train_config = TrainConfig(
+            num_epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            num_particles=args.num_particles,
+            seed=args.seed,
+            clip_norm=args.clip_norm,
+        )
     data = load_dataset(spec)
-    if args.batch_size > data.train.shape[0]:
+    if train_config.batch_size > data.train.shape[0]:
         raise UsageError(
-            f"--batch-size {args.batch_size} is larger than the training set "
+            f"--batch-size {train_config.batch_size} is larger than the training set "
             f"({data.train.shape[0]} images)"
         )
-    config = VAEConfig(
-        data.data_dim,
-        args.latent_dim,
-        args.hidden_dims,
-        args.guide,
-        guide_options(args),
-        data.image_shape,
-    )
-    pyro.set_rng_seed(args.seed)
+    if config is None:
+        config = VAEConfig(
+            data.data_dim,
+            args.latent_dim,
+            args.hidden_dims,
+            args.guide,
+            guide_options(args),
+            data.image_shape,
+        )
+    pyro.set_rng_seed(train_config.seed)
     vae = VAE(config).to(device)  # guide options are checked here, before the folder exists
-    run_dir = _prepare_run_dir(args.out, spec, args.guide, args.overwrite)
+    if resuming:
+        run_dir, created = args.resume, False
+    else:
+        run_dir, created = _prepare_run_dir(args.out, spec, args.guide, args.overwrite)
     _write_json(
         run_dir / CONFIG,
         {
@@ -302,25 +407,48 @@ def cmd_train(args: argparse.Namespace) -> int:
         },
     )
     print(
-        f"training a {args.guide} VAE on {spec.name}: {data.train.shape[0]} train / "
-        f"{data.valid.shape[0]} valid images of {data.data_dim} pixels, on {device}",
+        f"{'resuming' if resuming else 'training'} a {config.guide} VAE on {spec.name}: "
+        f"{data.train.shape[0]} train / {data.valid.shape[0]} valid images of "
+        f"{data.data_dim} pixels, on {device}",
         file=sys.stderr,
     )
     try:
-        history = fit(vae, data, train_config, run_dir, progress=not args.quiet)
-    except TrainingDiverged as error:
-        print(f"pyro-vae: error: {error}", file=sys.stderr)
-        return 1
+        history = fit(vae, data, train_config, run_dir, progress=not args.quiet, resume=resuming)
+    except (TrainingDiverged, TrainingInterrupted) as error:
+        return _report_stop(error, run_dir, created)
+    except BaseException:
+        _discard_unstarted(run_dir, created)
+        raise
     vae, payload = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
     pictures = _save_pictures(vae, data.valid.to(device), run_dir)
     print(
         f"best valid ELBO {payload['valid_elbo']:.3f} nats at epoch {payload['epoch']} of "
         f"{len(history)}"
     )
-    for path in (run_dir / CONFIG, run_dir / CHECKPOINT, run_dir / METRICS, *pictures):
+    for path in (run_dir / CONFIG, run_dir / CHECKPOINT, run_dir / LAST, run_dir / METRICS):
+        print(f"  wrote {path}")
+    for path in pictures:
         print(f"  wrote {path}")
     print(f"next: pyro-vae evaluate {run_dir}")
     return 0
+
+
+def _report_stop(
+    error: TrainingDiverged | TrainingInterrupted, run_dir: Path, created: bool
+) -> int:
+    """One line on stderr for a diverged (status 1) or interrupted (status 130) run."""
+    _discard_unstarted(run_dir, created)
+    saved = (run_dir / LAST).exists()
+    if isinstance(error, TrainingInterrupted):
+        hint = f"; continue with: pyro-vae train --resume {run_dir}" if saved else ""
+        print(f"pyro-vae: {_one_line(error)}{hint}", file=sys.stderr)
+        return 130
+    if saved:
+        hint = f"; then: pyro-vae train --resume {run_dir} --lr LOWER"
+    else:
+        hint = f"; no epoch had finished, so {run_dir} keeps no run"
+    print(f"pyro-vae: error: {_one_line(error)}{hint}", file=sys.stderr)
+    return 1
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -377,19 +505,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample}
 
 
+def _one_line(error: BaseException) -> str:
+    """The message with line breaks shown as ``\\n`` (a quoted value may contain them)."""
+    return "\\n".join(str(error).splitlines())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for bad input)."""
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
+        args.argv = argv
         return COMMANDS[args.command](args)
     except (UsageError, DataError, CheckpointError) as error:
-        print(f"pyro-vae: error: {error}", file=sys.stderr)
+        print(f"pyro-vae: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except ValueError as error:  # invalid settings caught by the library's constructors
-        print(f"pyro-vae: error: {error}", file=sys.stderr)
+        print(f"pyro-vae: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:
-        print(f"pyro-vae: error: {error}", file=sys.stderr)
+        print(f"pyro-vae: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)

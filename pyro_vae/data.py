@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,8 +177,10 @@ def _read_binarized_mnist(path: Path) -> dict[str, np.ndarray]:
 
 def _read_amat(file: Path) -> np.ndarray:
     try:
-        return np.loadtxt(file, dtype=np.float32, ndmin=2)
-    except ValueError as error:
+        with warnings.catch_warnings():  # an empty file is reported as an empty dataset
+            warnings.filterwarnings("ignore", "loadtxt: input contained no data", UserWarning)
+            return np.loadtxt(file, dtype=np.float32, ndmin=2)
+    except (ValueError, UnicodeDecodeError) as error:
         raise DataError(f"{file}: not a whitespace-separated table of pixels ({error})") from None
 
 
@@ -292,7 +295,7 @@ def _check_pixels(array: np.ndarray, where: str, mode: str | None) -> np.ndarray
         kind = getattr(getattr(array, "dtype", None), "name", type(array).__name__)
         raise DataError(f"{where}: expected a numeric array, got {kind}")
     if array.ndim == 3:
-        array = array.reshape(array.shape[0], -1)
+        array = array.reshape(array.shape[0], array.shape[1] * array.shape[2])
     if array.ndim != 2:
         raise DataError(f"{where}: expected shape (N, P) or (N, H, W), got {tuple(array.shape)}")
     if array.shape[0] == 0 or array.shape[1] == 0:

@@ -16,12 +16,13 @@ from pyro.infer import Trace_ELBO
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import save_checkpoint
+from .checkpoint import atomic_write, save_checkpoint
 from .data import Dataset, minibatches
 from .evaluate import elbo as elbo_per_point
 from .model import VAE
+from .resume import LAST, Progress, load_training_state, save_training_state
 
-__all__ = ["TrainConfig", "TrainingDiverged", "fit"]
+__all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "fit", "write_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,29 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 
 
+_REMEDY = (
+    "the files keep the last good epoch; lower the learning rate (--lr) "
+    "or clip gradients (--clip-norm)"
+)
+
+
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the epoch and step."""
+    """The loss or a gradient became NaN or infinite; the message names the epoch and step."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; ``saved_epoch`` is the last epoch kept in ``last.pt`` (0: none).
+
+    A ``KeyboardInterrupt``, so code that stops on Ctrl-C still does.
+    """
+
+    def __init__(self, epoch: int, saved_epoch: int, run_dir: Path | None) -> None:
+        self.epoch, self.saved_epoch, self.run_dir = epoch, saved_epoch, run_dir
+        if run_dir is None or saved_epoch == 0:
+            where = "no epoch was saved"
+        else:
+            where = f"{run_dir / LAST} holds epoch {saved_epoch}"
+        super().__init__(f"interrupted during epoch {epoch}; {where}")
 
 
 @dataclass(frozen=True)
@@ -43,7 +65,8 @@ class TrainConfig:
         lr: Adam learning rate.
         num_particles: Samples of z per image in each ELBO estimate (vectorized).
         seed: Seed of the minibatch order and dynamic binarization (the CLI also seeds Pyro).
-        log_every: Steps between progress-bar updates (each one syncs the device).
+        log_every: Steps between progress-bar updates and NaN/inf checks (each syncs the device).
+        clip_norm: Clip the gradient's total 2-norm to this value before each step; None: off.
     """
 
     num_epochs: int = 300
@@ -52,6 +75,7 @@ class TrainConfig:
     num_particles: int = 1
     seed: int = 0
     log_every: int = 10
+    clip_norm: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "batch_size", "num_particles", "log_every"):
@@ -60,6 +84,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        clip = self.clip_norm
+        if clip is not None and not (
+            isinstance(clip, (int, float)) and not isinstance(clip, bool) and 0 < clip < math.inf
+        ):
+            raise ValueError(f"clip_norm must be a positive number or None, got {clip!r}")
 
 
 def _make_loss(config: TrainConfig) -> Trace_ELBO:
@@ -77,28 +106,59 @@ def _valid_elbo(vae: VAE, x: torch.Tensor, batch_size: int) -> float:
     return total / x.shape[0]
 
 
-def _check_finite(value: torch.Tensor, epoch: int, step: int) -> None:
-    if not torch.isfinite(value):
-        raise TrainingDiverged(
-            f"loss became {float(value)} at epoch {epoch}, step {step}; the best checkpoint so "
-            "far is kept. Try a lower --lr."
-        )
-
-
 def fit(
     vae: VAE,
     data: Dataset,
     config: TrainConfig,
     run_dir: str | Path | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Train ``vae`` on ``data.train`` by maximizing the ELBO with Adam.
 
     Each step estimates the full-data ELBO from a minibatch (the data plate has size N).
     Per epoch, the train ELBO (running mean over the epoch) and the validation ELBO (one
-    draw per image) are logged; with ``run_dir``, rows go to ``metrics.csv`` and the
-    best-validation model to ``checkpoint.pt``. Returns one dict per epoch.
+    draw per image) are logged; with ``run_dir``, rows go to ``metrics.csv``, the
+    best-validation model to ``checkpoint.pt`` and the whole training state (optimizer,
+    random streams, history) to ``last.pt``. With ``resume``, training continues from
+    ``run_dir/last.pt`` up to ``config.num_epochs``; on the CPU the result is bit-identical
+    to an uninterrupted run. Returns one dict per epoch (all epochs when resumed).
+
+    Raises:
+        TrainingDiverged: a loss or gradient became NaN/inf; the files hold the last good state.
+        TrainingInterrupted: Ctrl-C; ``last.pt`` holds the last completed epoch.
     """
+    _check_fit_args(vae, data, config, run_dir, resume)
+    run_dir = None if run_dir is None else Path(run_dir)
+    if run_dir is not None and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    data = data.to(vae.prior_loc.device)
+    loss_fn = _make_loss(config).differentiable_loss
+    optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    state = _restore(run_dir, vae, optimizer, generator, config) if resume else Progress()
+    steps = math.ceil(data.train.shape[0] / config.batch_size)
+    with tqdm(
+        total=config.num_epochs * steps,
+        initial=state.epoch * steps,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+    ) as bar:
+        for epoch in range(state.epoch + 1, config.num_epochs + 1):
+            try:
+                row = _run_epoch(vae, data, loss_fn, optimizer, config, generator, epoch, bar)
+                state = _end_epoch(run_dir, vae, optimizer, generator, config, state, row)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(epoch, state.epoch, run_dir) from None
+    return state.history
+
+
+def _check_fit_args(
+    vae: VAE, data: Dataset, config: TrainConfig, run_dir: str | Path | None, resume: bool
+) -> None:
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if data.data_dim != vae.config.data_dim:
         raise ValueError(
             f"data has {data.data_dim} pixels but the model expects {vae.config.data_dim}"
@@ -108,50 +168,89 @@ def fit(
             f"batch_size {config.batch_size} is larger than the training set "
             f"({data.train.shape[0]} images)"
         )
-    run_dir = None if run_dir is None else Path(run_dir)
-    data = data.to(vae.prior_loc.device)
-    loss_fn = _make_loss(config).differentiable_loss
-    optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    steps = math.ceil(data.train.shape[0] / config.batch_size)
-    history: list[dict[str, Any]] = []
-    best = -math.inf
-    with tqdm(
-        total=config.num_epochs * steps, disable=not progress, unit="step", dynamic_ncols=True
-    ) as bar:
-        for epoch in range(1, config.num_epochs + 1):
-            start = time.perf_counter()
-            bar.set_description(f"epoch {epoch}/{config.num_epochs}")
-            vae.train()
-            train_elbo = _train_epoch(vae, data, loss_fn, optimizer, config, generator, epoch, bar)
-            row = {
-                "epoch": epoch,
-                "train_elbo": train_elbo,
-                "valid_elbo": _valid_elbo(vae, data.valid, config.batch_size),
-                "seconds": time.perf_counter() - start,
-            }
-            history.append(row)
-            logger.info(
-                "epoch %d: train ELBO %.3f, valid ELBO %.3f",
-                epoch,
-                row["train_elbo"],
-                row["valid_elbo"],
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs the run_dir that holds last.pt")
+
+
+def _restore(
+    run_dir: Path,
+    vae: VAE,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: TrainConfig,
+) -> Progress:
+    """Load ``last.pt`` into the model, optimizer and random streams; returns the progress."""
+    state = load_training_state(run_dir / LAST, vae, optimizer, generator, config)
+    for group in optimizer.param_groups:  # a resumed run may lower the learning rate
+        group["lr"] = config.lr
+    write_metrics(run_dir / METRICS, state.history)  # drops the row of an epoch lost in a crash
+    return state
+
+
+def _run_epoch(
+    vae: VAE,
+    data: Dataset,
+    loss_fn: Callable[..., Tensor],
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    generator: torch.Generator,
+    epoch: int,
+    bar: tqdm,
+) -> dict[str, Any]:
+    """Train one epoch and validate; returns its metrics row."""
+    start = time.perf_counter()
+    bar.set_description(f"epoch {epoch}/{config.num_epochs}")
+    vae.train()
+    train_elbo = _train_epoch(vae, data, loss_fn, optimizer, config, generator, epoch, bar)
+    try:
+        valid_elbo = _valid_elbo(vae, data.valid, config.batch_size)
+    except ValueError as error:
+        raise _invalid_parameters(error, f"epoch {epoch}, validation") from None
+    if not math.isfinite(valid_elbo):
+        raise TrainingDiverged(
+            f"the validation ELBO became {valid_elbo} after epoch {epoch}; {_REMEDY}"
+        )
+    row = {
+        "epoch": epoch,
+        "train_elbo": train_elbo,
+        "valid_elbo": valid_elbo,
+        "seconds": time.perf_counter() - start,
+    }
+    logger.info("epoch %d: train ELBO %.3f, valid ELBO %.3f", epoch, train_elbo, valid_elbo)
+    bar.set_postfix(train_elbo=f"{train_elbo:.2f}", valid_elbo=f"{valid_elbo:.2f}")
+    return row
+
+
+def _end_epoch(
+    run_dir: Path | None,
+    vae: VAE,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: TrainConfig,
+    state: Progress,
+    row: dict[str, Any],
+) -> Progress:
+    """Record a completed epoch: metrics, then the best checkpoint, then ``last.pt``.
+
+    In this order a crash between two writes leaves ``last.pt`` at the previous epoch and
+    a resumed run redoes this epoch identically, rewriting the same files.
+    """
+    best, best_epoch = state.best_valid_elbo, state.best_epoch
+    if row["valid_elbo"] > best:
+        best, best_epoch = row["valid_elbo"], row["epoch"]
+    new = Progress(row["epoch"], best, best_epoch, [*state.history, row])
+    if run_dir is not None:
+        write_metrics(run_dir / METRICS, new.history)
+        if best_epoch == row["epoch"]:
+            save_checkpoint(
+                run_dir / CHECKPOINT,
+                vae,
+                epoch=best_epoch,
+                valid_elbo=best,
+                train_config=asdict(config),
             )
-            bar.set_postfix(
-                train_elbo=f"{row['train_elbo']:.2f}", valid_elbo=f"{row['valid_elbo']:.2f}"
-            )
-            if run_dir is not None:
-                _append_metrics(run_dir / METRICS, row, first=epoch == 1)
-                if row["valid_elbo"] > best:
-                    best = row["valid_elbo"]
-                    save_checkpoint(
-                        run_dir / CHECKPOINT,
-                        vae,
-                        epoch=epoch,
-                        valid_elbo=best,
-                        train_config=asdict(config),
-                    )
-    return history
+        save_training_state(run_dir / LAST, vae, optimizer, generator, config, new)
+    return new
 
 
 def _train_epoch(
@@ -166,29 +265,88 @@ def _train_epoch(
 ) -> float:
     """One shuffled pass over the training split; returns its mean ELBO per image.
 
-    Losses are accumulated on the device and read back every ``log_every`` steps.
+    Losses and gradient norms stay on the device and are read back (and checked for
+    NaN/inf) every ``log_every`` steps.
     """
     num_data = data.train.shape[0]
     total, seen = torch.zeros((), device=data.train.device), 0
+    window: list[Tensor] = []  # (loss, gradient norm) of the steps since the last check
     batches = minibatches(num_data, config.batch_size, generator, data.train.device)
     for step, index in enumerate(batches, start=1):
         x = data.train_batch(index)
-        loss = loss_fn(vae.model, vae.guide, x, num_data=num_data)  # -ELBO estimate, all N images
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach() * (x.shape[0] / num_data)
+        try:
+            loss, norm = _step(vae, loss_fn, optimizer, x, num_data, config.clip_norm)
+        except ValueError as error:  # distribution validation refuses NaN/inf parameters
+            _check_finite(window, epoch, step - len(window))  # an earlier step caused it?
+            raise _invalid_parameters(error, f"epoch {epoch}, step {step}") from None
+        window.append(torch.stack((loss, norm)))
+        total += loss * (x.shape[0] / num_data)
         seen += x.shape[0]
         if step % config.log_every == 0 or seen == num_data:
-            _check_finite(total, epoch, step)
+            _check_finite(window, epoch, step - len(window) + 1)
+            window.clear()
             bar.set_postfix(elbo=f"{-float(total) / seen:.2f}")
         bar.update(1)
     return -float(total) / num_data
 
 
-def _append_metrics(path: Path, row: dict[str, Any], first: bool) -> None:
-    with open(path, "w" if first else "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if first:
+def _step(
+    vae: VAE,
+    loss_fn: Callable[..., Tensor],
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    num_data: int,
+    clip_norm: float | None,
+) -> tuple[Tensor, Tensor]:
+    """One Adam step on the minibatch ``x`` ``(B, P)``; returns the loss and gradient norm."""
+    loss = loss_fn(vae.model, vae.guide, x, num_data=num_data)  # -ELBO estimate, all N images
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p for p in vae.parameters() if p.grad is not None]
+    if clip_norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(grads, clip_norm)
+    optimizer.step()
+    return loss.detach(), norm.to(loss.dtype)
+
+
+def _check_finite(window: list[Tensor], epoch: int, first_step: int) -> None:
+    """Raise TrainingDiverged naming the first step whose loss or gradient is NaN/inf."""
+    if not window:
+        return
+    values = torch.stack(window).cpu()  # (steps, 2): loss, gradient norm
+    finite = values.isfinite().all(dim=1)
+    if bool(finite.all()):
+        return
+    index = int((~finite).nonzero()[0])
+    loss, norm = values[index].tolist()
+    raise TrainingDiverged(
+        f"training diverged at epoch {epoch}, step {first_step + index}: loss {loss:g}, "
+        f"gradient norm {norm:g}; {_REMEDY}"
+    )
+
+
+def _invalid_parameters(error: ValueError, when: str) -> Exception:
+    """TrainingDiverged for Pyro's 'found invalid values' error; other errors unchanged."""
+    message = str(error)
+    if "found invalid values" not in message:
+        return error
+    where = message.split(" of distribution")[0].split(" (Tensor")[0]  # "Expected parameter x"
+    return TrainingDiverged(
+        f"training diverged at {when}: NaN/inf in a distribution "
+        f"parameter ({where.removeprefix('Expected parameter ')}); {_REMEDY}"
+    )
+
+
+def write_metrics(path: str | Path, history: list[dict[str, Any]]) -> None:
+    """Atomically (re)write ``metrics.csv`` with one row per epoch of ``history``."""
+    fields = list(dict.fromkeys(key for row in history for key in row))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
-        writer.writerow(row)
+            writer.writerows(history)
+
+    atomic_write(path, write)

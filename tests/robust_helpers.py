@@ -1,0 +1,60 @@
+"""Tiny synthetic data, models and run folders shared by the robustness tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+
+from pyro_vae.data import Dataset
+from pyro_vae.model import VAE, VAEConfig
+from pyro_vae.train import TrainConfig, fit
+
+PIXELS = 12
+
+
+def tiny_data(dynamic: bool = True, seed: int = 0) -> Dataset:
+    """48 train / 12 valid images of 12 pixels; train holds intensities when ``dynamic``."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(60, PIXELS, generator=g)
+    train = probs[:48] if dynamic else torch.bernoulli(probs[:48], generator=g)
+    valid = torch.bernoulli(probs[48:], generator=g)
+    return Dataset(train, valid, None, (3, 4), dynamic=dynamic)
+
+
+def tiny_vae(seed: int = 0) -> VAE:
+    """A diagonal-guide VAE with D = 2 and one hidden layer of 8, initialized from ``seed``."""
+    pyro.set_rng_seed(seed)
+    return VAE(VAEConfig(PIXELS, 2, (8,), "diagonal"))
+
+
+def tiny_config(num_epochs: int, **changes: object) -> TrainConfig:
+    return TrainConfig(num_epochs=num_epochs, batch_size=16, seed=3, log_every=2, **changes)
+
+
+def train_tiny(run_dir: Path | None, num_epochs: int, **changes: object) -> tuple[VAE, list]:
+    """Seeded like the CLI: one seed for Pyro and initialization, then ``fit``."""
+    vae = tiny_vae()
+    history = fit(vae, tiny_data(), tiny_config(num_epochs, **changes), run_dir, progress=False)
+    return vae, history
+
+
+def save_binary_npy(path: Path, num_images: int = 40, pixels: int = 16, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    np.save(path, (rng.random((num_images, pixels)) < 0.3).astype(np.float32))
+    return path
+
+
+def without_seconds(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def cli_train(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    """``pyro-vae train`` arguments for a tiny diagonal-guide run on ``data``."""
+    return [
+        "train", "--data", str(data), "--epochs", str(epochs), "--batch-size", "8",
+        "--latent-dim", "2", "--hidden-dims", "8", "--guide", "diagonal", "--seed", "4",
+        "--out", str(out), "--quiet", *extra,
+    ]  # fmt: skip

@@ -1,0 +1,265 @@
+"""Bad-input matrix: every entry point rejects bad input in one line naming value and rule."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from robust_helpers import cli_train, save_binary_npy, tiny_config, tiny_data, tiny_vae
+
+from pyro_vae.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
+from pyro_vae.cli import main
+from pyro_vae.data import DataError, DataSpec, load_dataset
+from pyro_vae.guides import make_guide
+from pyro_vae.model import MAX_LATENT_DIM, VAEConfig
+from pyro_vae.train import TrainConfig, fit
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Good and broken data files, and run folders, shared by the CLI cases."""
+    root = tmp_path_factory.mktemp("inputs")
+    good = save_binary_npy(root / "good.npy")  # 40 images of 16 pixels
+    arrays = {
+        "half": np.full((40, 16), 0.5, np.float32),
+        "nan": np.where(np.eye(40, 16) > 0, np.nan, 0.0),
+        "inf": np.where(np.eye(40, 16) > 0, np.inf, 1.0),
+        "empty": np.zeros((0, 16), np.float32),
+        "rank1": np.zeros(16, np.float32),
+        "rank4": np.zeros((2, 2, 2, 2), np.float32),
+        "complex": np.zeros((40, 16), np.complex64),
+        "strings": np.full((40, 16), "1"),
+        "pixels25": np.zeros((40, 25), np.float32),
+    }
+    paths = {"good": good, "root": root}
+    for name, array in arrays.items():
+        np.save(root / f"{name}.npy", array)
+        paths[name] = root / f"{name}.npy"
+    np.save(root / "objects.npy", np.array([[1, None]], dtype=object), allow_pickle=True)
+    paths["objects"] = root / "objects.npy"
+    paths["truncated"] = root / "truncated.npy"
+    paths["truncated"].write_bytes(good.read_bytes()[:100])
+    paths["garbage"] = root / "garbage.npy"
+    paths["garbage"].write_text("not an array\n")
+    paths["missing"] = root / "missing.npy"
+    paths["unreadable"] = save_binary_npy(root / "unreadable.npy")
+    paths["unreadable"].chmod(0)
+    paths["run"] = root / "run"
+    assert main(cli_train(good, paths["run"], 1)) == 0
+    payload = torch.load(paths["run"] / "checkpoint.pt", weights_only=True)
+    for name, change in (("v99", "version"), ("evil", "evil"), ("cut", "truncate")):
+        run = paths[name] = root / f"run-{name}"
+        shutil.copytree(paths["run"], run)
+        if change == "version":
+            torch.save({**payload, "format_version": 99}, run / "checkpoint.pt")
+        elif change == "evil":
+            torch.save({**payload, "hook": os.getcwd}, run / "checkpoint.pt")
+            last = torch.load(run / "last.pt", weights_only=True)
+            torch.save({**last, "hook": os.getcwd}, run / "last.pt")
+        else:
+            (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:300])
+    paths["notrun"] = root / "notrun"
+    paths["notrun"].mkdir()
+    return paths
+
+
+P = dict[str, Path]
+TRAIN_CASES: list[tuple[str, Callable[[P], list[str]], list[str]]] = [
+    ("unknown guide", lambda p: ["--guide", "nope"], ["--guide", "'nope'", "choose"]),
+    ("unknown data name", lambda p: ["--data", "nope"], ["'nope'", "choose one of"]),
+    ("zero latent", lambda p: ["--latent-dim", "0"], ["--latent-dim", "'0'", "positive"]),
+    ("negative latent", lambda p: ["--latent-dim", "-3"], ["'-3'", "positive"]),
+    ("huge latent", lambda p: ["--latent-dim", "5000"], ["5000", f"<= {MAX_LATENT_DIM}"]),
+    ("zero batch", lambda p: ["--batch-size", "0"], ["--batch-size", "'0'"]),
+    ("zero epochs", lambda p: ["--epochs", "0"], ["--epochs", "'0'"]),
+    ("bad hidden", lambda p: ["--hidden-dims", "8,0"], ["--hidden-dims", "'8,0'"]),
+    ("zero particles", lambda p: ["--num-particles", "0"], ["--num-particles", "'0'"]),
+    ("zero lr", lambda p: ["--lr", "0"], ["--lr", "'0'", "positive"]),
+    ("negative lr", lambda p: ["--lr", "-0.001"], ["'-0.001'", "positive"]),
+    ("negative lr, exponent", lambda p: ["--lr=-1e-3"], ["'-1e-3'", "positive"]),
+    ("nan lr", lambda p: ["--lr", "nan"], ["'nan'", "positive"]),
+    ("inf lr", lambda p: ["--lr", "inf"], ["'inf'", "finite"]),
+    ("zero clip", lambda p: ["--clip-norm", "0"], ["--clip-norm", "'0'"]),
+    ("bad guide option", lambda p: ["--guide-option", "bogus=1"], ["bogus", "'diagonal'"]),
+    ("bad binarize", lambda p: ["--binarize", "bogus"], ["--binarize", "'bogus'"]),
+    ("too many data words", lambda p: ["--data", "array", "a", "b"], ["NAME [PATH]"]),
+    ("missing file", lambda p: ["--data", str(p["missing"])], ["missing.npy", "no such"]),
+    ("truncated file", lambda p: ["--data", str(p["truncated"])], ["truncated.npy", ".npy"]),
+    ("garbage file", lambda p: ["--data", str(p["garbage"])], ["garbage.npy", "cannot read"]),
+    ("pickled objects", lambda p: ["--data", str(p["objects"])], ["objects.npy"]),
+    ("complex", lambda p: ["--data", str(p["complex"])], ["complex64", "numeric"]),
+    ("strings", lambda p: ["--data", str(p["strings"])], ["strings.npy", "numeric"]),
+    ("rank 1", lambda p: ["--data", str(p["rank1"])], ["(16,)", "(N, P)"]),
+    ("rank 4", lambda p: ["--data", str(p["rank4"])], ["(2, 2, 2, 2)", "(N, P)"]),
+    ("not binary", lambda p: ["--data", str(p["half"])], ["{0, 1}", "[0.5, 0.5]", "--binarize"]),
+    ("nan pixels", lambda p: ["--data", str(p["nan"])], ["nan.npy", "NaN or inf"]),
+    ("inf pixels", lambda p: ["--data", str(p["inf"])], ["inf.npy", "NaN or inf"]),
+    ("empty", lambda p: ["--data", str(p["empty"])], ["empty", "(0, 16)"]),
+    ("batch too large", lambda p: ["--batch-size", "1000"], ["1000", "32 images"]),
+    ("folder is a file", lambda p: ["--out", str(p["good"])], ["good.npy", "not a folder"]),
+    ("unknown device", lambda p: ["--device", "tpu"], ["'tpu'", "cpu, cuda"]),
+]
+if not torch.cuda.is_available():
+    TRAIN_CASES.append(("no gpu", lambda p: ["--device", "cuda"], ["cuda", "no CUDA GPU"]))
+if os.geteuid() != 0:  # root reads any file
+    TRAIN_CASES.append(("unreadable", lambda p: ["--data", str(p["unreadable"])], ["denied"]))
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
+    status = main(argv)
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"), [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES]
+)
+def test_train_rejects(
+    files: P, tmp_path: Path, capsys: pytest.CaptureFixture, extra: Callable, expected: list[str]
+) -> None:
+    out = tmp_path / "out"
+    before = sorted(p.name for p in files["run"].iterdir())
+    status, err = run_cli(cli_train(files["good"], out, 1, *extra(files)), capsys)
+    assert status == 2 and len(err) == 1 and err[0].startswith("pyro-vae: error: "), err
+    assert all(word in err[0] for word in expected), err[0]
+    assert not out.exists()  # nothing was written for a rejected run
+    assert sorted(p.name for p in files["run"].iterdir()) == before
+
+
+def test_existing_run_needs_resume_or_overwrite(
+    files: P, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(files["run"], run)
+    stamps = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    status, err = run_cli(cli_train(files["good"], run, 1), capsys)
+    assert status == 2 and len(err) == 1
+    assert "--resume" in err[0] and "--overwrite" in err[0] and str(run) in err[0]
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == stamps
+
+
+OTHER_CASES: list[tuple[str, Callable[[P], list[str]], list[str]]] = [
+    ("evaluate newer format", lambda p: ["evaluate", str(p["v99"])], ["format 99", "reads"]),
+    ("evaluate truncated", lambda p: ["evaluate", str(p["cut"])], ["not a readable"]),
+    ("evaluate unsafe", lambda p: ["evaluate", str(p["evil"])], ["refused to load"]),
+    ("evaluate not a run", lambda p: ["evaluate", str(p["notrun"])], ["not a run folder"]),
+    ("evaluate missing", lambda p: ["evaluate", str(p["missing"])], ["not a run folder"]),
+    (
+        "evaluate pixel mismatch",
+        lambda p: [
+            "evaluate",
+            str(p["run"]),
+            "--data",
+            str(p["pixels25"]),
+            "--binarize",
+            "static",
+        ],
+        ["25 pixels", "expects 16"],
+    ),
+    (
+        "evaluate zero samples",
+        lambda p: ["evaluate", str(p["run"]), "--num-samples", "0"],
+        ["'0'"],
+    ),
+    ("sample not png", lambda p: ["sample", str(p["run"]), "--out", "x.jpg"], ["x.jpg", "PNG"]),
+    ("sample zero images", lambda p: ["sample", str(p["run"]), "-n", "0"], ["'0'"]),
+    ("unknown command", lambda p: ["fly"], ["'fly'"]),
+    ("resume a non-run", lambda p: ["train", "--resume", str(p["notrun"])], ["not a run"]),
+    ("resume missing", lambda p: ["train", "--resume", str(p["missing"])], ["not a run"]),
+    ("resume + overwrite", lambda p: ["train", "--resume", str(p["run"]), "--overwrite"], ["one"]),
+    ("resume finished", lambda p: ["train", "--resume", str(p["run"])], ["trained 1 of 1"]),
+    (
+        "resume, other guide",
+        lambda p: ["train", "--resume", str(p["run"]), "--guide", "full", "--epochs", "2"],
+        ["--guide cannot change", "config.json"],
+    ),
+    (
+        "resume, guide option",
+        lambda p: ["train", "--resume", str(p["run"]), "--guide-option", "x=1", "--epochs", "2"],
+        ["--guide-option cannot change"],
+    ),
+    (
+        "resume unsafe state",
+        lambda p: ["train", "--resume", str(p["evil"]), "--epochs", "2"],
+        ["refused to load"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"), [c[1:] for c in OTHER_CASES], ids=[c[0] for c in OTHER_CASES]
+)
+def test_other_commands_reject(
+    files: P, capsys: pytest.CaptureFixture, argv: Callable, expected: list[str]
+) -> None:
+    status, err = run_cli(argv(files), capsys)
+    assert status == 2 and len(err) == 1 and err[0].startswith("pyro-vae: error: "), err
+    assert all(word in err[0] for word in expected), err[0]
+
+
+API_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
+    ("lr zero", lambda: TrainConfig(lr=0), ValueError, "lr .* got 0"),
+    ("lr nan", lambda: TrainConfig(lr=float("nan")), ValueError, "got nan"),
+    ("batch zero", lambda: TrainConfig(batch_size=0), ValueError, "batch_size .* got 0"),
+    ("epochs float", lambda: TrainConfig(num_epochs=1.5), ValueError, "num_epochs .* 1.5"),
+    ("clip negative", lambda: TrainConfig(clip_norm=-2.0), ValueError, "clip_norm .* -2.0"),
+    ("data_dim zero", lambda: VAEConfig(0), ValueError, "data_dim .* got 0"),
+    ("latent huge", lambda: VAEConfig(16, latent_dim=5000), ValueError, "5000"),
+    ("guide unknown", lambda: VAEConfig(16, guide="nope"), ValueError, "'nope'"),
+    ("hidden zero", lambda: VAEConfig(16, hidden_dims=(0,)), ValueError, r"\(0,\)"),
+    ("make_guide unknown", lambda: make_guide("nope", 4, 2), ValueError, "'nope'"),
+    ("dataset unknown", lambda: DataSpec("nope"), DataError, "'nope'"),
+    ("dataset no path", lambda: DataSpec("array"), DataError, "needs a path"),
+    ("binarize unknown", lambda: DataSpec(binarize="x"), DataError, "'x'"),
+    ("load missing", lambda: load_dataset(DataSpec("array", "/no/such.npy")), DataError, "such"),
+    ("checkpoint missing", lambda: load_checkpoint("/no/such.pt"), CheckpointError, "such"),
+    (
+        "fit config type",
+        lambda: fit(tiny_vae(), tiny_data(), {"lr": 1}, progress=False),
+        TypeError,
+        "TrainConfig, got dict",
+    ),
+    (
+        "fit pixel mismatch",
+        lambda: fit(VAE16(), tiny_data(), tiny_config(1), progress=False),
+        ValueError,
+        "12 pixels .* expects 16",
+    ),
+    (
+        "fit batch too large",
+        lambda: fit(tiny_vae(), tiny_data(), TrainConfig(batch_size=49), progress=False),
+        ValueError,
+        "batch_size 49 .*48 images",
+    ),
+    (
+        "fit resume without folder",
+        lambda: fit(tiny_vae(), tiny_data(), tiny_config(1), resume=True),
+        ValueError,
+        "run_dir",
+    ),
+]
+
+
+def VAE16() -> object:  # noqa: N802
+    from pyro_vae.model import VAE
+
+    return VAE(VAEConfig(16, 2, (8,), "diagonal"))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"), [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES]
+)
+def test_python_api_rejects(make: Callable, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match) as info:
+        make()
+    assert "\n" not in str(info.value)
+
+
+def test_fit_resume_from_folder_without_state(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="last.pt: no such checkpoint"):
+        fit(tiny_vae(), tiny_data(), tiny_config(1), tmp_path, progress=False, resume=True)
+    assert FORMAT_VERSION == 1

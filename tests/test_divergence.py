@@ -1,0 +1,129 @@
+"""Divergence: injected NaN/inf stops training at the right epoch and step; --clip-norm."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+from robust_helpers import cli_train, save_binary_npy, tiny_data, tiny_vae
+
+from pyro_vae.checkpoint import read_payload
+from pyro_vae.cli import main
+from pyro_vae.resume import LAST
+from pyro_vae.train import (
+    METRICS,
+    TrainConfig,
+    TrainingDiverged,
+    _make_loss,
+    _step,
+    fit,
+)
+
+STEPS_PER_EPOCH = 3  # 48 images, batches of 16
+
+
+def poison(vae: torch.nn.Module, where: str, bad_step: int, value: float) -> None:
+    """Make the loss (``where="loss"``) or one gradient (``"gradient"``) ``value`` at step n."""
+    calls = [0]
+    if where == "loss":
+
+        def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            calls[0] += module.training  # validation passes do not count
+            return out * value if module.training and calls[0] == bad_step else out
+
+        vae.decoder.register_forward_hook(hook)
+    else:
+        weight = next(vae.decoder.parameters())
+
+        def grad_hook(grad: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            return grad * value if calls[0] == bad_step else grad
+
+        weight.register_hook(grad_hook)
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own warning, then ours
+@pytest.mark.parametrize("log_every", [1, 2, 10])
+@pytest.mark.parametrize(
+    ("where", "value", "validate", "expected"),
+    [
+        ("loss", math.nan, False, "loss nan"),
+        ("loss", math.nan, True, "NaN/inf in a distribution parameter (logits)"),
+        ("gradient", math.inf, True, "gradient norm inf"),
+    ],
+)
+def test_injected_nan_stops_at_epoch_and_step(
+    tmp_path: Path, where: str, value: float, validate: bool, expected: str, log_every: int
+) -> None:
+    pyro.enable_validation(validate)
+    vae = tiny_vae()
+    poison(vae, where, bad_step=STEPS_PER_EPOCH + 2, value=value)  # epoch 2, step 2
+    config = TrainConfig(num_epochs=4, batch_size=16, seed=3, log_every=log_every)
+    with pytest.raises(TrainingDiverged) as info:
+        fit(vae, tiny_data(), config, tmp_path, progress=False)
+    message = str(info.value)
+    assert "epoch 2, step 2:" in message and "--lr" in message and "--clip-norm" in message
+    assert expected in message and "\n" not in message
+    last = read_payload(tmp_path / LAST)
+    assert last["epoch"] == 1
+    assert all(v.isfinite().all() for v in last["state_dict"].values())
+    assert read_payload(tmp_path / "checkpoint.pt")["epoch"] == 1
+    with open(tmp_path / METRICS, newline="") as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1"]
+
+
+def test_step_clips_the_gradient_norm() -> None:
+    """With SGD(lr=1) the update is minus the gradient scaled to norm ``clip_norm``."""
+    torch.manual_seed(0)
+    data = tiny_data(dynamic=False)
+    x = data.train[:16]
+    loss_fn = _make_loss(TrainConfig()).differentiable_loss
+    reference = tiny_vae()
+    torch.manual_seed(1)
+    loss_fn(reference.model, reference.guide, x, num_data=48).backward()
+    grads = [p.grad.clone() for p in reference.parameters()]
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    clip = float(norm) / 7
+    vae = tiny_vae()
+    before = [p.detach().clone() for p in vae.parameters()]
+    torch.manual_seed(1)
+    _, reported = _step(vae, loss_fn, torch.optim.SGD(vae.parameters(), lr=1.0), x, 48, clip)
+    torch.testing.assert_close(reported, norm)
+    for b, p, g in zip(before, vae.parameters(), grads, strict=True):
+        torch.testing.assert_close(b - p.detach(), g * clip / norm, rtol=1e-4, atol=1e-6)
+
+
+def test_clip_norm_is_validated_and_stored(tmp_path: Path) -> None:
+    for bad in (0, -1.0, math.inf, math.nan, True, "1"):
+        with pytest.raises(ValueError, match="clip_norm"):
+            TrainConfig(clip_norm=bad)
+    data = save_binary_npy(tmp_path / "d.npy")
+    assert main(cli_train(data, tmp_path / "run", 1, "--clip-norm", "5")) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["clip_norm"] == 5
+    assert read_payload(tmp_path / "run" / LAST)["train_config"]["clip_norm"] == 5
+
+
+def test_cli_divergence_is_one_line_with_remedy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import pyro_vae.train as train_module
+
+    original, calls = train_module._step, [0]
+
+    def step(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls[0] += 1
+        loss, norm = original(*args, **kwargs)
+        return (loss * math.nan if calls[0] == 6 else loss), norm  # epoch 2, step 2
+
+    monkeypatch.setattr(train_module, "_step", step)
+    data = save_binary_npy(tmp_path / "d.npy")  # 32 train images, 4 steps per epoch
+    run = tmp_path / "run"
+    assert main(cli_train(data, run, 3)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "epoch 2, step 2" in err[-1] and f"--resume {run}" in err[-1]
+    assert read_payload(run / LAST)["epoch"] == 1
