@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -123,12 +124,15 @@ def load_checkpoint(
 
 def _unpickling_message(path: Path, text: str) -> str:
     """One line for a refused pickle: what it tried to load, never advice to disable safety."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    culprit = next((line for line in lines if "Unsupported global" in line), None)
-    if culprit is None:
-        return f"{path}: not a readable checkpoint ({lines[-1] if lines else 'bad pickle'})"
-    name = culprit.split("GLOBAL", 1)[-1].split(" was not")[0].strip()
+    match = re.search(r"GLOBAL ([\w.]+)", text)
+    if match is None:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = next((line for line in lines if "Unsupported" in line), "bad pickle")
+        return (
+            f"{path}: refused to load, not a checkpoint of plain tensors and values "
+            f"({detail.rstrip('.')})"
+        )
     return (
         f"{path}: refused to load, it holds more than tensors and plain values: unpickling "
-        f"it would import {name!r}"
+        f"it would import {match.group(1)!r}"
     )

@@ -62,7 +62,7 @@ def test_other_format_versions_missing_and_garbage_files_are_clear_errors(tmp_pa
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a (readable )?checkpoint"):
         load_checkpoint(tmp_path / "garbage.pt")
     torch.save({**payload, "state_dict": {}}, tmp_path / "empty.pt")
     with pytest.raises(CheckpointError, match="inconsistent"):

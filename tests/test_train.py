@@ -11,7 +11,6 @@ import torch
 
 from pyro_vae import VAE, DataSpec, TrainConfig, VAEConfig, evaluate, fit, load_dataset
 from pyro_vae.data import Dataset
-from pyro_vae.train import TrainingDiverged
 
 
 def _tiny_data(n: int = 60, pixels: int = 9) -> Dataset:
@@ -31,7 +30,8 @@ def test_training_improves_validation_elbo_and_writes_metrics(tmp_path: Path) ->
     )
     assert len(history) == 30
     assert history[-1]["valid_elbo"] > history[0]["valid_elbo"] + 1.0
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    with open(tmp_path / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 31))
     assert float(rows[-1]["train_elbo"]) == pytest.approx(history[-1]["train_elbo"])
     assert (tmp_path / "checkpoint.pt").exists()
@@ -46,15 +46,6 @@ def test_fit_rejects_mismatched_data_and_oversized_batches() -> None:
     for bad in (dict(num_epochs=0), dict(lr=0.0), dict(lr=float("nan")), dict(batch_size=-1)):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
-
-
-def test_a_nan_loss_stops_training_naming_epoch_and_step() -> None:
-    vae = VAE(VAEConfig(9, 2, (8,)))
-    with torch.no_grad():
-        vae.decoder.net[0].bias.fill_(float("nan"))
-    pyro.enable_validation(False)  # let the NaN logits reach the loss instead of the validator
-    with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+.*--lr"):
-        fit(vae, _tiny_data(), TrainConfig(num_epochs=2, batch_size=10), progress=False)
 
 
 def _train_and_score(guide: str, options: dict, seed: int, epochs: int) -> tuple[float, float]:
