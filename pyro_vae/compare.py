@@ -180,7 +180,8 @@ def compare_guides(
     summary = summarize(rows, config.guides)
     write_report(out_dir, rows, summary, histories, config)
     for key in config.guides:
-        vae, _ = load_checkpoint(out_dir / "runs" / f"{key}-seed0" / CHECKPOINT)
+        with torch.random.fork_rng(devices=[]):  # rebuilding a VAE draws initial weights
+            vae, _ = load_checkpoint(out_dir / "runs" / f"{key}-seed0" / CHECKPOINT)
         images = vae.sample_images(64, generator=torch.Generator().manual_seed(0))
         save_image_grid(out_dir / f"samples-{key}.png", images.cpu(), vae.config.image_shape)
     return summary

@@ -150,7 +150,7 @@ class _NoRsample(TorchDistribution):
     def expand(self, batch_shape: torch.Size, _instance: Any = None) -> _NoRsample:  # noqa: ANN401
         return _NoRsample(self.base_dist.expand(batch_shape))
 
-    def sample(self, sample_shape: torch.Size = ()) -> Tensor:
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> Tensor:
         with torch.no_grad():
             return self.base_dist.sample(sample_shape)
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pyro.distributions as dist
 import pytest
 import torch
 
+from pyro_vae.cli import main
 from pyro_vae.gaps import inference_gaps, local_offsets
 from pyro_vae.guides import GUIDES
 from pyro_vae.model import VAE, VAEConfig
@@ -94,3 +98,24 @@ def test_local_offsets_start_at_q_phi_act_per_datapoint_and_are_removed() -> Non
         assert not torch.allclose(shifted[1], reference[1])
         torch.testing.assert_close(shifted[[0, 2]], reference[[0, 2]])
     torch.testing.assert_close(vae.encoder(x).mean, reference)
+
+
+def test_cli_gaps_smoke(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    g = torch.Generator().manual_seed(0)
+    data = torch.bernoulli(torch.full((82, 4), 0.5), generator=g).numpy()
+    np.savez(tmp_path / "tiny.npz", train=data[:40], valid=data[40:72], test=data[72:])
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(tmp_path / "tiny.npz"), "--guide", "diagonal",
+            "--latent-dim", "2", "--hidden-dims", "8", "--epochs", "1", "--batch-size", "20",
+            "--out", str(run), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    gaps = ["gaps", str(run), "--num-points", "6", "--num-steps", "5", "--num-samples", "50"]
+    assert main([*gaps, "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_points"] == 6 and result["split"] == "test"
+    assert math.isclose(
+        result["inference_gap"], result["approximation_gap"] + result["amortization_gap"]
+    )
+    assert json.loads((run / "gaps.json").read_text()) == result
+    assert main(["gaps", str(tmp_path)]) == 2
