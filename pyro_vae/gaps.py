@@ -143,9 +143,11 @@ def inference_gaps(
     a local SVI with the decoder frozen (:func:`fit_local_posteriors`). Its free parameters
     are the per-datapoint biases of every linear layer of the encoder (:func:`local_offsets`),
     with the input x_n fixed. This is generic over the ``GUIDES`` registry: each family's
-    distribution parameters (loc, scale, Cholesky factor, flow parameters) come out of a
-    linear layer, so their biases alone reach every member of the family, and q* starts
-    from q_phi(z|x_n), so its ELBO can only improve on the amortized one up to noise.
+    distribution parameters (loc, scale, Cholesky factor, the parameters of conditional
+    flows) come out of a linear layer, so the biases alone reach every member of the
+    family (a parameter held directly as ``nn.Parameter`` would stay shared). q* starts
+    from q_phi(z|x_n), so its ELBO can only improve on the amortized one, up to noise.
+    Offsets on hidden layers are redundant but harmless.
 
     ELBO[q_phi] and ELBO[q*] use ``num_samples`` draws each; log p(x) is the larger of the
     two importance-sampled estimates (proposals q_phi and q*, ``num_samples`` each), both
