@@ -290,7 +290,7 @@ def _save_gap_bars(path: Path, summary: Sequence[dict[str, Any]]) -> Path:
     """Bar per guide: log p(x) - ELBO, with ±1 std over seeds."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(max(4, 1.2 * len(summary) + 2), 4), layout="constrained")
+    figure = Figure(figsize=(max(5, 1.2 * len(summary) + 2), 4), layout="constrained")
     ax = figure.add_subplot()
     names = [row["guide"] for row in summary]
     means = [row["gap_mean"] for row in summary]
@@ -306,5 +306,5 @@ def _save_gap_bars(path: Path, summary: Sequence[dict[str, Any]]) -> Path:
             textcoords="offset points",
         )
     ax.set_ylabel("log p(x) - ELBO (nats per image)")
-    ax.set_title("Inference gap per guide (mean ± std over seeds)")
+    ax.set_title("Inference gap per guide\n(mean ± std over seeds)", fontsize="medium")
     return _save_figure(path, figure)
