@@ -217,7 +217,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def _markdown(summary: Sequence[dict[str, Any]], config: CompareConfig, num_points: int) -> str:
-    header = ["guide", *(LABELS[m] for m in METRICS)]
+    header = ["guide", *(LABELS[m].replace("|", "\\|") for m in METRICS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary:
         cells = [row["guide"]]

@@ -68,10 +68,11 @@ class IWAE_ELBO(RenyiELBO):  # noqa: N801 (Pyro's naming)
 
     This is Pyro's ``RenyiELBO(alpha=0)`` (same traces, same log weights per datapoint; its
     ``loss`` and ``loss_and_grads`` are inherited and agree with this one when the data plate
-    is not subsampled) plus the ``differentiable_loss`` that ``RenyiELBO`` lacks. The K particles are vectorized. Under a subsampled data plate Pyro
-    scales every site by N/B, which must not enter the log-sum-exp: the bound is computed
-    from unscaled log densities per datapoint and the common scale is applied afterwards.
-    Guides must be fully reparameterized.
+    is not subsampled) plus the ``differentiable_loss`` that ``RenyiELBO`` lacks. The K
+    particles are vectorized. Under a subsampled data plate Pyro scales every site by N/B,
+    which must not enter the log-sum-exp: the bound is computed from unscaled log densities
+    per datapoint and the common scale is applied afterwards. Guides must be fully
+    reparameterized.
 
     References:
         Importance Weighted Autoencoders (Burda, Grosse & Salakhutdinov, 2015)
