@@ -1,4 +1,4 @@
-"""Command line: ``pyro-vae train | evaluate | sample``; the only module that seeds RNGs."""
+"""Command line: ``pyro-vae train | evaluate | sample | compare | gaps``; seeds the RNGs."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, read_payload
+from .compare import CompareConfig, compare_guides
 from .data import BINARIZE_MODES, DATASETS, DataError, DataSpec, load_dataset
 from .evaluate import evaluate
+from .gaps import inference_gaps
 from .guides import GUIDES, FlowGuide
 from .model import VAE, VAEConfig
+from .objectives import OBJECTIVES
 from .pictures import save_image_grid
 from .resume import LAST
 from .train import (
@@ -155,6 +158,7 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         default=None,
         help="clip the gradient's total norm to this value (default: no clipping)",
     )
+    _add_objective_args(train)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     train.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME)")
@@ -185,6 +189,8 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     sample.add_argument("-n", "--num-images", type=_positive_int, default=64)
     sample.add_argument("--out", type=Path, default=None)
     sample.add_argument("--seed", type=int, default=0)
+    _add_compare_parser(commands)
+    _add_gaps_parser(commands)
     if train_defaults:
         train.set_defaults(**train_defaults)
     return parser
@@ -200,6 +206,68 @@ def _given_train_options(argv: Sequence[str]) -> set[str]:
     dests = vars(build_parser().parse_args(["train"]))
     probe = build_parser({dest: unset for dest in dests}).parse_args(argv)
     return {dest for dest, value in vars(probe).items() if value is not unset}
+
+
+def _add_objective_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="elbo",
+        help="elbo (Trace_ELBO), meanfield (analytic KL where known) or iwae "
+        "(K-sample bound, K = --num-particles)",
+    )
+    parser.add_argument(
+        "--elbo",
+        dest="objective",
+        choices=("trace", "meanfield"),
+        help="alias: --elbo meanfield = --objective meanfield, --elbo trace = --objective elbo",
+    )
+
+
+def _guide_list(text: str) -> tuple[str, ...]:
+    keys = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [key for key in keys if key not in GUIDES]
+    if not keys or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown guide(s) {','.join(unknown) or text!r}; "
+            f"choose from {','.join(sorted(GUIDES))}"
+        )
+    return keys
+
+
+def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
+    cmp = commands.add_parser("compare", help="train several guides over seeds and compare them")
+    _add_data_args(cmp, ["digits"])
+    cmp.add_argument("--guides", type=_guide_list, default=("diagonal", "full"))
+    cmp.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds, 0..N-1")
+    cmp.add_argument("--epochs", type=_positive_int, default=100)
+    cmp.add_argument("--num-samples", type=_positive_int, default=5000)
+    cmp.add_argument("--latent-dim", type=_positive_int, default=16)
+    cmp.add_argument("--hidden-dims", type=_int_list, default=(200,))
+    cmp.add_argument("--batch-size", type=_positive_int, default=100)
+    cmp.add_argument("--lr", type=_positive_float, default=1e-3)
+    cmp.add_argument("--num-particles", type=_positive_int, default=1)
+    _add_objective_args(cmp)
+    cmp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    cmp.add_argument("--out", type=Path, required=True, help="report folder")
+    cmp.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_gaps_parser(commands: argparse._SubParsersAction) -> None:
+    gaps = commands.add_parser("gaps", help="split the inference gap of a trained run")
+    gaps.add_argument("run_dir", type=Path)
+    gaps.add_argument("--num-points", type=_positive_int, default=100)
+    gaps.add_argument("--split", choices=("test", "valid", "train"), default="test")
+    gaps.add_argument("--num-steps", type=_positive_int, default=500, help="local SVI steps")
+    gaps.add_argument("--lr", type=_positive_float, default=1e-2, help="local SVI Adam lr")
+    gaps.add_argument("--num-particles", type=_positive_int, default=10)
+    gaps.add_argument("--num-samples", type=_positive_int, default=1000)
+    gaps.add_argument("--batch-size", type=_positive_int, default=100)
+    gaps.add_argument("--device", default="auto")
+    gaps.add_argument("--seed", type=int, default=0)
+    gaps.add_argument("--json", action="store_true", help="print one JSON object")
+    gaps.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 # ---------------------------------------------------------------- helpers
@@ -375,6 +443,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             num_particles=args.num_particles,
             seed=args.seed,
             clip_norm=args.clip_norm,
+            objective=_objective(args.objective),
         )
     data = load_dataset(spec)
     if train_config.batch_size > data.train.shape[0]:
@@ -502,7 +571,104 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample}
+def _objective(name: str) -> str:
+    return "elbo" if name == "trace" else name
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    spec = data_spec(args.data, args.binarize)
+    config = CompareConfig(
+        guides=args.guides,
+        num_seeds=args.seeds,
+        num_samples=args.num_samples,
+        latent_dim=args.latent_dim,
+        hidden_dims=args.hidden_dims,
+        train=TrainConfig(
+            num_epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            num_particles=args.num_particles,
+            objective=_objective(args.objective),
+        ),
+    )
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a folder")
+    if (args.out / "compare.csv").exists() and not args.overwrite:
+        raise UsageError(
+            f"--out {args.out}: already holds a comparison; pass --overwrite or choose another"
+        )
+    data = load_dataset(spec)
+    if args.batch_size > data.train.shape[0]:
+        raise UsageError(
+            f"--batch-size {args.batch_size} is larger than the training set "
+            f"({data.train.shape[0]} images)"
+        )
+    print(
+        f"comparing {', '.join(config.guides)} on {spec.name} with {config.num_seeds} seeds, "
+        f"{args.epochs} epochs each, on {device}",
+        file=sys.stderr,
+    )
+    try:
+        compare_guides(data.to(device), config, args.out, vars(spec), progress=not args.quiet)
+    except TrainingDiverged as error:
+        print(f"pyro-vae: error: {error}", file=sys.stderr)
+        return 1
+    print((args.out / "compare.md").read_text(), end="")
+    for name in ("compare.csv", "compare.md", "runs.csv", "elbo_curves.png", "gaps.png"):
+        print(f"  wrote {args.out / name}")
+    for key in config.guides:
+        print(f"  wrote {args.out / f'samples-{key}.png'}")
+    return 0
+
+
+def cmd_gaps(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    run = _read_run(args.run_dir)
+    vae, _ = load_checkpoint(args.run_dir / CHECKPOINT, map_location=device)
+    if not isinstance(run.get("data"), dict):
+        raise UsageError(f"{args.run_dir / CONFIG}: records no dataset to take images from")
+    x = load_dataset(DataSpec(**run["data"])).split(args.split)[: args.num_points]
+    pyro.set_rng_seed(args.seed)
+    split, _ = inference_gaps(
+        vae,
+        x.to(device),
+        num_steps=args.num_steps,
+        lr=args.lr,
+        num_particles=args.num_particles,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    result = {**split.to_dict(), "split": args.split}
+    _write_json(args.run_dir / "gaps.json", result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"{args.split} split, {split.num_points} images, {split.num_steps} local SVI steps, "
+        f"K = {split.num_samples} (nats per image)"
+    )
+    for label, value in (
+        ("IS log p(x)", split.log_likelihood),
+        ("ELBO[q*] (local, non-amortized)", split.elbo_local),
+        ("ELBO[q_phi] (amortized)", split.elbo_amortized),
+        ("approximation gap log p - ELBO[q*]", split.approximation_gap),
+        ("amortization gap ELBO[q*] - ELBO[q]", split.amortization_gap),
+        ("inference gap log p - ELBO[q]", split.inference_gap),
+    ):
+        print(f"  {label:<38}{value:10.3f}")
+    print(f"  wrote {args.run_dir / 'gaps.json'}")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "sample": cmd_sample,
+    "compare": cmd_compare,
+    "gaps": cmd_gaps,
+}
 
 
 def _one_line(error: BaseException) -> str:

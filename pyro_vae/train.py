@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import ELBO
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -20,6 +20,7 @@ from .checkpoint import atomic_write, save_checkpoint
 from .data import Dataset, minibatches
 from .evaluate import elbo as elbo_per_point
 from .model import VAE
+from .objectives import OBJECTIVES, make_objective
 from .resume import LAST, Progress, load_training_state, save_training_state
 
 __all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "fit", "write_metrics"]
@@ -63,7 +64,10 @@ class TrainConfig:
         num_epochs: Passes over the training split.
         batch_size: Images per SVI step.
         lr: Adam learning rate.
-        num_particles: Samples of z per image in each ELBO estimate (vectorized).
+        num_particles: Samples of z per image in each ELBO estimate (vectorized); K for iwae.
+        objective: ``elbo`` (Trace_ELBO), ``meanfield`` (TraceMeanField_ELBO, analytic KL
+            where available) or ``iwae`` (the K-sample importance-weighted bound); see
+            :func:`pyro_vae.objectives.make_objective`. ``train_elbo`` logs this objective.
         seed: Seed of the minibatch order and dynamic binarization (the CLI also seeds Pyro).
         log_every: Steps between progress-bar updates and NaN/inf checks (each syncs the device).
         clip_norm: Clip the gradient's total 2-norm to this value before each step; None: off.
@@ -76,6 +80,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     clip_norm: float | None = None
+    objective: str = "elbo"
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "batch_size", "num_particles", "log_every"):
@@ -89,14 +94,14 @@ class TrainConfig:
             isinstance(clip, (int, float)) and not isinstance(clip, bool) and 0 < clip < math.inf
         ):
             raise ValueError(f"clip_norm must be a positive number or None, got {clip!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}"
+            )
 
 
-def _make_loss(config: TrainConfig) -> Trace_ELBO:
-    return Trace_ELBO(
-        num_particles=config.num_particles,
-        vectorize_particles=config.num_particles > 1,
-        max_plate_nesting=1,
-    )
+def _make_loss(config: TrainConfig) -> ELBO:
+    return make_objective(config.objective, config.num_particles)
 
 
 def _valid_elbo(vae: VAE, x: torch.Tensor, batch_size: int) -> float:

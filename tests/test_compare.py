@@ -1,0 +1,150 @@
+"""compare: every file written, summaries consistent with the runs, private RNG, active units."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_vae.cli import main
+from pyro_vae.compare import METRICS, CompareConfig, active_units, compare_guides
+from pyro_vae.data import Dataset
+from pyro_vae.guides import GUIDES
+from pyro_vae.model import VAE, VAEConfig
+from pyro_vae.train import TrainConfig
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _dataset() -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(2, 8, generator=g)  # two prototypes
+    draw = lambda n: torch.bernoulli(probs[torch.arange(n) % 2], generator=g)  # noqa: E731
+    return Dataset(draw(40), draw(10), draw(12), image_shape=(2, 4))
+
+
+def _config(**kwargs: object) -> CompareConfig:
+    values = dict(
+        guides=tuple(sorted(GUIDES)),
+        num_seeds=2,
+        num_samples=20,
+        latent_dim=2,
+        hidden_dims=(8,),
+        train=TrainConfig(num_epochs=2, batch_size=20),
+    )
+    return CompareConfig(**{**values, **kwargs})
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_compare_writes_every_file_and_consistent_summaries(tmp_path: Path) -> None:
+    config = _config()
+    state = torch.get_rng_state()
+    summary = compare_guides(_dataset(), config, tmp_path, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)  # runs seed a private RNG state
+    for name in ("compare.csv", "compare.md", "runs.csv", "elbo_curves.png", "gaps.png"):
+        assert (tmp_path / name).is_file(), name
+    for key in config.guides:
+        assert (tmp_path / f"samples-{key}.png").read_bytes().startswith(PNG)
+        for seed in range(2):
+            run = tmp_path / "runs" / f"{key}-seed{seed}"
+            assert {"checkpoint.pt", "config.json", "metrics.csv"} <= {
+                p.name for p in run.iterdir()
+            }
+    for name in ("elbo_curves.png", "gaps.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG)
+    runs = _read(tmp_path / "runs.csv")
+    assert len(runs) == 2 * len(config.guides)
+    for row in runs:
+        values = {k: float(row[k]) for k in ("elbo", "reconstruction", "kl", "log_likelihood")}
+        assert math.isclose(values["elbo"], values["reconstruction"] - values["kl"], abs_tol=1e-4)
+        assert math.isclose(
+            float(row["gap"]), values["log_likelihood"] - values["elbo"], abs_tol=1e-4
+        )
+        assert 0 <= int(row["active_units"]) <= 2 and float(row["seconds_per_epoch"]) > 0
+    table = _read(tmp_path / "compare.csv")
+    markdown = (tmp_path / "compare.md").read_text()
+    for row, returned in zip(table, summary, strict=True):
+        mine = [r for r in runs if r["guide"] == row["guide"]]
+        for metric in METRICS:
+            values = np.array([float(r[metric]) for r in mine])
+            assert math.isclose(
+                float(row[f"{metric}_mean"]), values.mean(), rel_tol=1e-9, abs_tol=1e-12
+            )
+            assert math.isclose(
+                float(row[f"{metric}_std"]), values.std(ddof=1), rel_tol=1e-9, abs_tol=1e-12
+            )
+            assert math.isclose(
+                returned[f"{metric}_mean"], values.mean(), rel_tol=1e-9, abs_tol=1e-12
+            )
+        assert f"| {row['guide']} | {float(row['elbo_mean']):.2f} ± " in markdown
+
+
+def test_compare_runs_are_reproducible_per_seed(tmp_path: Path) -> None:
+    config = _config(guides=("diagonal",), num_seeds=1)
+    compare_guides(_dataset(), config, tmp_path / "a", progress=False)
+    torch.manual_seed(123)  # the caller's RNG state must not matter
+    compare_guides(_dataset(), config, tmp_path / "b", progress=False)
+    a, b = _read(tmp_path / "a" / "runs.csv"), _read(tmp_path / "b" / "runs.csv")
+    for key in ("elbo", "log_likelihood", "kl"):
+        assert a[0][key] == b[0][key]
+
+
+def test_compare_config_rejects_bad_guides() -> None:
+    with pytest.raises(ValueError, match="'nope'"):
+        _config(guides=("diagonal", "nope"))
+    with pytest.raises(ValueError, match="distinct"):
+        _config(guides=("diagonal", "diagonal"))
+
+
+@pytest.mark.parametrize("closed_form_mean", [True, False])
+def test_active_units_counts_dimensions_whose_posterior_mean_varies(
+    closed_form_mean: bool,
+) -> None:
+    vae = VAE(VAEConfig(8, 3, (8,), "diagonal"))
+    encoder = vae.encoder
+    with torch.no_grad():
+        encoder.loc.weight[1:].zero_()  # dims 1 and 2: mean constant over x
+        encoder.loc.weight[0].fill_(2.0)
+        encoder.raw_scale.weight.zero_()
+        encoder.raw_scale.bias.fill_(-4.0)  # scale ~ 0.018
+    if not closed_form_mean:  # no .mean: the estimate must sample
+        base_forward = encoder.forward
+        encoder.forward = lambda x: dist.TransformedDistribution(base_forward(x), [])
+        with pytest.raises(NotImplementedError):
+            _ = encoder(torch.zeros(1, 8)).mean
+    x = torch.bernoulli(torch.full((200, 8), 0.5))
+    assert active_units(vae, x) == 1
+    assert active_units(vae, x, threshold=1e6) == 0
+
+
+def _write_npz(path: Path) -> Path:
+    data = _dataset()
+    np.savez(path, train=data.train.numpy(), valid=data.valid.numpy(), test=data.test.numpy())
+    return path
+
+
+def test_cli_compare_smoke_and_refuses_to_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    npz = _write_npz(tmp_path / "tiny.npz")
+    argv = ["compare", "--data", str(npz), "--guides", "diagonal", "--seeds", "1",
+            "--epochs", "1", "--num-samples", "5", "--latent-dim", "2", "--hidden-dims", "8",
+            "--batch-size", "20", "--out", str(tmp_path / "cmp"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "| diagonal |" in capsys.readouterr().out
+    config = json.loads((tmp_path / "cmp" / "runs" / "diagonal-seed0" / "config.json").read_text())
+    assert config["data"]["path"] == str(npz.resolve())
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*argv[:4], "diagonal,flowz", *argv[5:]]) == 2
+    assert "'flowz'" in capsys.readouterr().err
