@@ -17,7 +17,8 @@ from .checkpoint import CheckpointError, atomic_write, load_checkpoint
 from .data import BINARIZE_MODES, DATASETS, DataError, DataSpec, load_dataset
 from .evaluate import evaluate
 from .guides import GUIDES
-from .model import VAE, VAEConfig
+from .model import ARCHS, VAE, VAEConfig
+from .priors import LATENTS, PRIORS
 from .pictures import save_image_grid
 from .train import CHECKPOINT, METRICS, TrainConfig, TrainingDiverged, fit
 
@@ -115,6 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra guide argument, e.g. tril_scale=0.03",
     )
     train.add_argument("--latent-dim", type=_positive_int, default=16)
+    train.add_argument("--arch", choices=ARCHS, default="mlp", help="conv: 28x28 images only")
+    train.add_argument("--prior", choices=sorted(PRIORS), default="standard")
+    train.add_argument(
+        "--prior-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra prior argument, e.g. num_components=50",
+    )
+    train.add_argument(
+        "--latent",
+        choices=LATENTS,
+        default="euclidean",
+        help="sphere: z on the unit sphere, uniform prior, needs --guide vmf",
+    )
     train.add_argument(
         "--hidden-dims",
         type=_int_list,
@@ -251,6 +268,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.guide,
         dict(args.guide_option),
         data.image_shape,
+        arch=args.arch,
+        prior=args.prior,
+        prior_options=dict(args.prior_option),
+        latent=args.latent,
     )
     pyro.set_rng_seed(args.seed)
     vae = VAE(config).to(device)  # guide options are checked here, before the folder exists

@@ -221,15 +221,22 @@ class VAE(PyroModule):
         batch_size: int | None = None,
         num_data: int | None = None,
         subsample: Tensor | None = None,
+        prior: dist.Distribution | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """p(z) p(x|z) for x ``(*, B, P)`` (or ``batch_size`` fresh images); returns x.
 
         ``num_data`` sizes the plate to the whole dataset so the minibatch ELBO is scaled by
         N / B; ``subsample`` gives the batch's indices in it (default ``arange(B)``).
+        ``prior`` replaces p(z) for this call (event ``(D,)``, batch broadcastable to the
+        plates), e.g. N(c_g, s^2 I) from a group latent of an outer model. ``mask``
+        ``(*, B, P)`` (bool) keeps only the log-likelihood of the pixels where it is True.
         """
         with self._plate(x, batch_size, num_data, subsample):
-            z = pyro.sample(f"{self.prefix}.z", self.prior())
+            z = pyro.sample(f"{self.prefix}.z", self.prior() if prior is None else prior)
             likelihood = dist.Bernoulli(logits=self.decoder(z))
+            if mask is not None:
+                likelihood = likelihood.mask(mask)
             return pyro.sample(f"{self.prefix}.x", likelihood.to_event(1), obs=x)
 
     @pyro_method
@@ -239,8 +246,14 @@ class VAE(PyroModule):
         batch_size: int | None = None,
         num_data: int | None = None,
         subsample: Tensor | None = None,
+        prior: dist.Distribution | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        """q(z|x) for x ``(*, B, P)``; returns z ``(*, B, D)``."""
+        """q(z|x) for x ``(*, B, P)``; returns z ``(*, B, D)``.
+
+        ``prior`` and ``mask`` are ignored: they are accepted so that SVI can pass the
+        model's arguments unchanged.
+        """
         if x is None:
             raise ValueError("the guide needs the observed images x")
         with self._plate(x, batch_size, num_data, subsample):
