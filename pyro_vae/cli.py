@@ -18,8 +18,8 @@ from .data import BINARIZE_MODES, DATASETS, DataError, DataSpec, load_dataset
 from .evaluate import evaluate
 from .guides import GUIDES
 from .model import ARCHS, VAE, VAEConfig
-from .priors import LATENTS, PRIORS
 from .pictures import save_image_grid
+from .priors import LATENTS, PRIORS
 from .train import CHECKPOINT, METRICS, TrainConfig, TrainingDiverged, fit
 
 __all__ = ["main"]

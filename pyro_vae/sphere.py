@@ -55,7 +55,10 @@ def log_bessel_iv(order: float, kappa: Tensor) -> Tensor:
 
 
 def mean_resultant_length(dim: int, kappa: Tensor) -> Tensor:
-    r"""A_D(kappa) = I_{D/2}(kappa) / I_{D/2-1}(kappa) = ||E z|| for z ~ vMF(mu, kappa) on S^{D-1}."""
+    r"""Mean resultant length ||E z|| of vMF(mu, kappa) on S^{D-1}, same shape as kappa.
+
+    .. math:: A_D(\kappa) = I_{D/2}(\kappa) / I_{D/2-1}(\kappa)
+    """
     return torch.exp(log_bessel_iv(dim / 2, kappa) - log_bessel_iv(dim / 2 - 1, kappa))
 
 
