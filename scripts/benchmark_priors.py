@@ -48,7 +48,7 @@ def run_one(
     history = fit(
         vae,
         select,
-        TrainConfig(num_epochs=args.epochs, lr=args.lr, seed=args.seed),
+        TrainConfig(args.epochs, args.batch_size, args.lr, seed=args.seed),
         progress=False,
     )
     train_s = time.perf_counter() - start
@@ -83,6 +83,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden-dims", type=int, nargs="+", default=[300])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--num-train", type=int, default=None, help="use the first N images")
     parser.add_argument("--num-select", type=int, default=1000)
     parser.add_argument("--num-eval", type=int, default=2000)

@@ -52,7 +52,9 @@ class ClassLatentModel:
         return pyro.plate("nested.classes", self.num_classes, dim=-2)
 
     def model(self, x: Tensor) -> None:
-        spread = pyro.param("nested.spread", x.new_tensor(0.5), constraint=dist.constraints.positive)
+        spread = pyro.param(
+            "nested.spread", x.new_tensor(0.5), constraint=dist.constraints.positive
+        )
         with self.class_plate():
             c = pyro.sample("nested.c", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
             prior = dist.Normal(c, spread).to_event(1)  # batch (G, 1), broadcast over images
