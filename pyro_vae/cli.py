@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--latent",
         choices=LATENTS,
-        default="euclidean",
-        help="sphere: z on the unit sphere, uniform prior, needs --guide vmf",
+        default=None,
+        help="sphere: z on the unit sphere, uniform prior, --guide vmf (default: sphere for "
+        "--guide vmf, else euclidean)",
     )
     train.add_argument(
         "--hidden-dims",

@@ -39,8 +39,8 @@ class VAEConfig:
             and a transposed-conv decoder).
         prior: Key of ``PRIORS`` (``standard``, ``mixture``, ``vamp``).
         prior_options: Extra constructor arguments of the prior (e.g. ``num_components``).
-        latent: ``euclidean`` (z in R^D) or ``sphere`` (z on S^{D-1}, uniform prior, needs
-            guide ``vmf``).
+        latent: ``euclidean`` (z in R^D) or ``sphere`` (z on S^{D-1}, uniform prior, only with
+            guide ``vmf``); None picks ``sphere`` for guide ``vmf``, else ``euclidean``.
     """
 
     data_dim: int
@@ -52,7 +52,7 @@ class VAEConfig:
     arch: str = "mlp"
     prior: str = "standard"
     prior_options: dict[str, Any] = field(default_factory=dict)
-    latent: str = "euclidean"
+    latent: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("data_dim", "latent_dim"):
@@ -75,6 +75,8 @@ class VAEConfig:
         object.__setattr__(self, "image_shape", shape)
         object.__setattr__(self, "guide_options", dict(self.guide_options))
         object.__setattr__(self, "prior_options", dict(self.prior_options))
+        if self.latent is None:
+            object.__setattr__(self, "latent", "sphere" if self.guide == "vmf" else "euclidean")
         self._check_choices()
 
     def _check_choices(self) -> None:

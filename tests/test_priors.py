@@ -197,5 +197,6 @@ def test_cli_takes_prior_and_latent_flags(tmp_path: pytest.TempPathFactory, caps
     args = [*common, "--prior", "mixture", "--prior-option", "num_components=3", "--out", str(out)]
     assert main(args) == 0
     assert main(["evaluate", str(out), "--num-samples", "5", "--quiet", "--json"]) == 0
-    assert main([*common, "--guide", "vmf", "--out", str(tmp_path / "bad")]) == 2
+    bad = [*common, "--guide", "vmf", "--latent", "euclidean", "--out", str(tmp_path / "bad")]
+    assert main(bad) == 2
     assert "'vmf' and latent 'sphere'" in capsys.readouterr().err

@@ -286,8 +286,9 @@ def test_library_leaves_global_state_alone() -> None:
 
 
 def test_bad_configurations_are_refused() -> None:
+    assert VAEConfig(P, D, (8,), "vmf").latent == "sphere"  # implied by the guide
     with pytest.raises(ValueError, match="'vmf' and latent 'sphere'"):
-        VAEConfig(P, D, (8,), "vmf")
+        VAEConfig(P, D, (8,), "vmf", latent="euclidean")
     with pytest.raises(ValueError, match="'vmf' and latent 'sphere'"):
         VAEConfig(P, D, (8,), "diagonal", latent="sphere")
     with pytest.raises(ValueError, match="conv.*28x28"):
