@@ -1,9 +1,9 @@
 """Benchmark: IS log p(x) of the standard, mixture and Vamp priors at an equal training budget.
 
 Each prior gets the same networks, guide, epochs, seed and number of importance samples.
-Training selects the best epoch on the last ``--num-select`` validation images; IS log p(x)
-is measured on the first ``--num-eval`` validation images (disjoint). One JSON line per run
-is appended to ``--out``.
+The last ``--num-select`` validation images give the per-epoch validation ELBO; IS log p(x)
+of the model after the last epoch is measured on the first ``--num-eval`` validation images
+(disjoint). One JSON line per run is appended to ``--out``.
 
 Example::
 
