@@ -9,10 +9,12 @@ from .data import Dataset, DataSpec, load_dataset  # noqa: E402
 from .evaluate import Evaluation, elbo, evaluate, log_likelihood  # noqa: E402
 from .guides import GUIDES, AmortizedGuide, make_guide, register_guide  # noqa: E402
 from .model import VAE, VAEConfig  # noqa: E402
+from .priors import PRIORS, make_prior, register_prior  # noqa: E402
 from .train import TrainConfig, fit  # noqa: E402
 
 __all__ = [
     "GUIDES",
+    "PRIORS",
     "VAE",
     "AmortizedGuide",
     "DataSpec",
@@ -28,6 +30,8 @@ __all__ = [
     "load_dataset",
     "log_likelihood",
     "make_guide",
+    "make_prior",
     "register_guide",
+    "register_prior",
     "save_checkpoint",
 ]

@@ -19,9 +19,10 @@ from .data import BINARIZE_MODES, DATASETS, DataError, DataSpec, load_dataset
 from .evaluate import evaluate
 from .gaps import inference_gaps
 from .guides import GUIDES, FlowGuide
-from .model import VAE, VAEConfig
+from .model import ARCHS, VAE, VAEConfig
 from .objectives import OBJECTIVES
 from .pictures import save_image_grid
+from .priors import LATENTS, PRIORS
 from .resume import LAST
 from .train import (
     CHECKPOINT,
@@ -142,6 +143,23 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         help="hidden widths of each flow map's network, comma-separated; default 10 * latent",
     )
     train.add_argument("--latent-dim", type=_positive_int, default=16)
+    train.add_argument("--arch", choices=ARCHS, default="mlp", help="conv: 28x28 images only")
+    train.add_argument("--prior", choices=sorted(PRIORS), default="standard")
+    train.add_argument(
+        "--prior-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra prior argument, e.g. num_components=50",
+    )
+    train.add_argument(
+        "--latent",
+        choices=LATENTS,
+        default=None,
+        help="sphere: z on the unit sphere, uniform prior, --guide vmf (default: sphere for "
+        "--guide vmf, else euclidean)",
+    )
     train.add_argument(
         "--hidden-dims",
         type=_int_list,
@@ -459,6 +477,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             args.guide,
             guide_options(args),
             data.image_shape,
+            arch=args.arch,
+            prior=args.prior,
+            prior_options=dict(args.prior_option),
+            latent=args.latent,
         )
     pyro.set_rng_seed(train_config.seed)
     vae = VAE(config).to(device)  # guide options are checked here, before the folder exists

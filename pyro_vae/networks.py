@@ -1,12 +1,13 @@
-"""MLP building blocks: every network maps the last dim and accepts any leading shape."""
+"""Network building blocks (MLP and 28x28 conv); every one maps the last dim, any leading shape."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "Decoder", "check_hidden_dims"]
+__all__ = ["MLP", "ConvDecoder", "ConvEncoder", "Decoder", "check_hidden_dims"]
 
 
 def check_hidden_dims(hidden_dims: Sequence[int]) -> tuple[int, ...]:
@@ -54,3 +55,87 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z)
+
+
+def _flat(x: Tensor, num_event_dims: int) -> tuple[Tensor, torch.Size]:
+    """Merge the leading dims of ``x`` into one batch dim; returns it and the leading shape."""
+    lead = x.shape[: x.dim() - num_event_dims]
+    return x.reshape(-1, *x.shape[x.dim() - num_event_dims :]), lead
+
+
+class ConvEncoder(nn.Module):
+    """Convolutional trunk for 28x28 images: ``(*, 784) -> (*, out_dim)``, softplus output.
+
+    Two stride-2 convolutions (28 -> 14 -> 7) and a linear layer; leading dims (particles,
+    outer plates) are merged for the convolutions and restored afterwards.
+
+    Args:
+        out_dim: Context size C.
+        channels: Channels of the two convolutions.
+        image_shape: (height, width); must be (28, 28).
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        channels: Sequence[int] = (32, 64),
+        image_shape: Sequence[int] = (28, 28),
+    ) -> None:
+        super().__init__()
+        _check_conv_shape(image_shape)
+        c1, c2 = check_hidden_dims(channels)
+        self.out_dim = out_dim
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c1, 4, stride=2, padding=1),  # 28 -> 14
+            nn.Softplus(),
+            nn.Conv2d(c1, c2, 4, stride=2, padding=1),  # 14 -> 7
+            nn.Softplus(),
+            nn.Flatten(),
+            nn.Linear(c2 * 7 * 7, out_dim),
+            nn.Softplus(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat, lead = _flat(x, 1)
+        return self.net(flat.reshape(-1, 1, 28, 28)).reshape(*lead, self.out_dim)
+
+
+class ConvDecoder(nn.Module):
+    """Bernoulli logits of 28x28 images given z: ``(*, D) -> (*, 784)``.
+
+    A linear layer to a 7x7 feature map, then two transposed convolutions (7 -> 14 -> 28).
+
+    Args:
+        latent_dim: Latent size D.
+        hidden_dim: Width of the first linear layer.
+        channels: Channels of the 7x7 and 14x14 feature maps.
+        image_shape: (height, width); must be (28, 28).
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        hidden_dim: int = 256,
+        channels: Sequence[int] = (64, 32),
+        image_shape: Sequence[int] = (28, 28),
+    ) -> None:
+        super().__init__()
+        _check_conv_shape(image_shape)
+        c1, c2 = check_hidden_dims(channels)
+        self.c1 = c1
+        self.fc = MLP(latent_dim, (hidden_dim,), c1 * 7 * 7, final_activation=True)
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(c1, c2, 4, stride=2, padding=1),  # 7 -> 14
+            nn.Softplus(),
+            nn.ConvTranspose2d(c2, 1, 4, stride=2, padding=1),  # 14 -> 28
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        flat, lead = _flat(z, 1)
+        h = self.fc(flat).reshape(-1, self.c1, 7, 7)
+        return self.net(h).reshape(*lead, 28 * 28)
+
+
+def _check_conv_shape(image_shape: Sequence[int]) -> None:
+    if tuple(image_shape) != (28, 28):
+        raise ValueError(f"the conv networks take 28x28 images, got image_shape {image_shape!r}")

@@ -41,15 +41,35 @@ def register_guide(key: str) -> Callable[[type[AmortizedGuide]], type[AmortizedG
 
 
 def make_guide(
-    key: str, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (400,), **options: Any
+    key: str,
+    data_dim: int,
+    latent_dim: int,
+    hidden_dims: Sequence[int] = (400,),
+    trunk: nn.Module | None = None,
+    context_dim: int | None = None,
+    **options: Any,
 ) -> AmortizedGuide:
-    """Build the guide registered under ``key``; ``options`` go to its constructor."""
+    """Build the guide registered under ``key``; ``options`` go to its constructor.
+
+    ``trunk`` replaces the MLP encoder trunk h(x) of any family: a module ``(*, P) -> (*, C)``
+    with C = ``context_dim`` (default ``trunk.out_dim``); the heads are then sized to C.
+    """
     if key not in GUIDES:
         raise ValueError(f"unknown guide {key!r}; choose one of {', '.join(sorted(GUIDES))}")
+    if trunk is not None:
+        context_dim = context_dim or getattr(trunk, "out_dim", None)
+        if not isinstance(context_dim, int) or context_dim < 1:
+            raise ValueError(
+                f"a custom trunk needs context_dim (its output width), got {context_dim!r}"
+            )
+        hidden_dims = (context_dim,)  # the last width is the context size C of the heads
     try:
-        return GUIDES[key](data_dim, latent_dim, hidden_dims, **options)
+        guide = GUIDES[key](data_dim, latent_dim, hidden_dims, **options)
     except TypeError as error:
         raise ValueError(f"bad options {options!r} for guide {key!r}: {error}") from None
+    if trunk is not None:
+        guide.trunk = trunk
+    return guide
 
 
 class AmortizedGuide(nn.Module):

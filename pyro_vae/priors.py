@@ -1,0 +1,202 @@
+"""Priors p(z): the PRIORS registry, standard normal, learnable Gaussian mixture, VampPrior."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+from .guides import MIN_SCALE
+from .sphere import HypersphericalUniform
+
+__all__ = [
+    "LATENTS",
+    "PRIORS",
+    "GaussianMixturePrior",
+    "LatentPrior",
+    "StandardNormalPrior",
+    "UniformSpherePrior",
+    "VampPrior",
+    "make_prior",
+    "register_prior",
+]
+
+#: Latent spaces: ``euclidean`` (R^D) or ``sphere`` (the unit sphere S^{D-1} in R^D).
+LATENTS = ("euclidean", "sphere")
+
+#: Registry of priors on R^D, key -> class; the CLI's ``--prior`` choices read it.
+PRIORS: dict[str, type[LatentPrior]] = {}
+
+
+def register_prior(key: str) -> Callable[[type[LatentPrior]], type[LatentPrior]]:
+    """Class decorator adding a prior to ``PRIORS`` under ``key``."""
+
+    def add(cls: type[LatentPrior]) -> type[LatentPrior]:
+        if key in PRIORS:
+            raise ValueError(f"prior {key!r} is already registered by {PRIORS[key].__name__}")
+        PRIORS[key] = cls
+        cls.key = key
+        return cls
+
+    return add
+
+
+class LatentPrior(nn.Module):
+    """A prior module: ``forward()`` returns p(z) with batch shape ``()``, event ``(D,)``.
+
+    Constructors take ``(latent_dim, encoder)`` first; further arguments have defaults.
+    ``encoder`` is the VAE's guide network (only the VampPrior uses it).
+    """
+
+    key: str = ""
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        if not isinstance(latent_dim, int) or isinstance(latent_dim, bool) or latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        self.latent_dim = latent_dim
+
+    def forward(self) -> Distribution:
+        raise NotImplementedError
+
+
+def make_prior(
+    key: str,
+    latent_dim: int,
+    encoder: nn.Module | None = None,
+    latent: str = "euclidean",
+    **options: Any,
+) -> LatentPrior:
+    """Build the prior registered under ``key``; on the sphere only ``standard`` (uniform)."""
+    if latent not in LATENTS:
+        raise ValueError(f"unknown latent {latent!r}; choose one of {', '.join(LATENTS)}")
+    if key not in PRIORS:
+        raise ValueError(f"unknown prior {key!r}; choose one of {', '.join(sorted(PRIORS))}")
+    if latent == "sphere":
+        if key != "standard" or options:
+            raise ValueError(
+                f"latent 'sphere' takes only prior 'standard' (uniform on the sphere) without "
+                f"options, got prior {key!r} with options {options!r}"
+            )
+        return UniformSpherePrior(latent_dim)
+    try:
+        return PRIORS[key](latent_dim, encoder, **options)
+    except TypeError as error:
+        raise ValueError(f"bad options {options!r} for prior {key!r}: {error}") from None
+
+
+@register_prior("standard")
+class StandardNormalPrior(LatentPrior):
+    """p(z) = N(0, I), held in (non-persistent) buffers so it follows ``.to(device)``."""
+
+    def __init__(self, latent_dim: int, encoder: nn.Module | None = None) -> None:
+        super().__init__(latent_dim)
+        self.register_buffer("loc", torch.zeros(latent_dim), persistent=False)
+        self.register_buffer("scale", torch.ones(latent_dim), persistent=False)
+
+    def forward(self) -> Distribution:
+        return dist.Normal(self.loc, self.scale).to_event(1)
+
+
+@register_prior("mixture")
+class GaussianMixturePrior(LatentPrior):
+    r"""Learnable mixture of diagonal Gaussians.
+
+    .. math:: p(z) = \sum_{k=1}^{K} \pi_k \mathcal{N}(z; m_k, \operatorname{diag} s_k^2)
+
+    Args:
+        latent_dim: Latent size D.
+        encoder: Unused.
+        num_components: K >= 1.
+        init_scale: Spread of the initial means m_k ~ N(0, init_scale^2); scales start at 1.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        encoder: nn.Module | None = None,
+        num_components: int = 10,
+        init_scale: float = 1.0,
+    ) -> None:
+        super().__init__(latent_dim)
+        if not isinstance(num_components, int) or num_components < 1:
+            raise ValueError(f"num_components must be a positive integer, got {num_components!r}")
+        self.locs = nn.Parameter(init_scale * torch.randn(num_components, latent_dim))
+        # softplus(0.5413) = 1: the components start with unit scale
+        self.raw_scales = nn.Parameter(torch.full((num_components, latent_dim), 0.5413))
+        self.logits = nn.Parameter(torch.zeros(num_components))
+
+    def forward(self) -> Distribution:
+        scales = F.softplus(self.raw_scales) + MIN_SCALE
+        components = dist.Normal(self.locs, scales).to_event(1)  # batch (K,), event (D,)
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+
+
+@register_prior("vamp")
+class VampPrior(LatentPrior):
+    r"""Variational mixture of posteriors: the encoder's Gaussian at K learnable pseudo-inputs.
+
+    .. math:: p(z) = \frac{1}{K} \sum_{k=1}^{K} q_0(z | u_k), \quad u_k = \sigma(a_k) \in (0, 1)^P
+
+    q_0 is the diagonal Gaussian head of the encoder (``encoder.diagonal_normal``), which every
+    guide family has, so the prior's density is exact for flows too. The encoder is shared
+    with the guide but not registered as a submodule here (its parameters belong to the VAE's
+    ``encoder`` and must not be counted twice).
+
+    References:
+        VAE with a VampPrior (Tomczak & Welling, 2018)
+
+    Args:
+        latent_dim: Latent size D.
+        encoder: The VAE's guide network; needs ``data_dim`` and ``diagonal_normal(x)``.
+        num_components: Number of pseudo-inputs K.
+        init_logit_scale: Spread of the initial pseudo-input logits a_k ~ N(0, s^2).
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        encoder: nn.Module | None = None,
+        num_components: int = 100,
+        init_logit_scale: float = 0.1,
+    ) -> None:
+        super().__init__(latent_dim)
+        if encoder is None or not hasattr(encoder, "diagonal_normal"):
+            raise ValueError(
+                "the vamp prior needs an encoder with diagonal_normal(x) (an AmortizedGuide), "
+                f"got {type(encoder).__name__}"
+            )
+        if not isinstance(num_components, int) or num_components < 1:
+            raise ValueError(f"num_components must be a positive integer, got {num_components!r}")
+        self._encoder = (encoder,)  # a tuple hides it from nn.Module registration
+        self.pseudo_logits = nn.Parameter(
+            init_logit_scale * torch.randn(num_components, encoder.data_dim)
+        )
+
+    @property
+    def pseudo_inputs(self) -> Tensor:
+        """The pseudo-inputs u ``(K, P)`` in (0, 1)."""
+        return torch.sigmoid(self.pseudo_logits)
+
+    def forward(self) -> Distribution:
+        components, _ = self._encoder[0].diagonal_normal(self.pseudo_inputs)  # batch (K,)
+        mixing = dist.Categorical(logits=self.pseudo_logits.new_zeros(components.batch_shape))
+        return dist.MixtureSameFamily(mixing, components)
+
+
+class UniformSpherePrior(LatentPrior):
+    """p(z) uniform on the unit sphere S^{D-1} in R^D (the ``standard`` prior of ``sphere``)."""
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__(latent_dim)
+        if latent_dim < 2:
+            raise ValueError(f"latent 'sphere' needs latent_dim >= 2, got {latent_dim}")
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)
+
+    def forward(self) -> Distribution:
+        return HypersphericalUniform(self.latent_dim, like=self.anchor)
