@@ -8,6 +8,7 @@ from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .data import Dataset, DataSpec, load_dataset  # noqa: E402
 from .evaluate import Evaluation, elbo, evaluate, log_likelihood  # noqa: E402
 from .guides import GUIDES, AmortizedGuide, make_guide, register_guide  # noqa: E402
+from .guides_lowrank import LowRankNormalGuide  # noqa: E402  (registers "lowrank")
 from .model import VAE, VAEConfig  # noqa: E402
 from .train import TrainConfig, fit  # noqa: E402
 
@@ -18,6 +19,7 @@ __all__ = [
     "DataSpec",
     "Dataset",
     "Evaluation",
+    "LowRankNormalGuide",
     "TrainConfig",
     "VAEConfig",
     "__version__",

@@ -15,6 +15,7 @@ import torch
 from . import __version__
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint
 from .data import BINARIZE_MODES, DATASETS, DataError, DataSpec, load_dataset
+from .distributed import finish_worker, init_replica
 from .evaluate import evaluate
 from .guides import GUIDES
 from .model import VAE, VAEConfig
@@ -124,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, default=300)
     train.add_argument("--batch-size", type=_positive_int, default=100)
     train.add_argument("--lr", type=_positive_float, default=1e-3)
-    train.add_argument("--num-particles", type=_positive_int, default=1)
+    train.add_argument(
+        "--num-particles", type=_positive_int, default=1, help="vectorized z draws per image"
+    )
+    train.add_argument("--jit", action="store_true", help="compile the loss (JitTrace_ELBO)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     train.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME)")
@@ -180,8 +184,12 @@ def data_spec(values: Sequence[str], binarize: str | None, seed: int = 0) -> Dat
     return DataSpec(name, path, binarize, seed)
 
 
-def _prepare_run_dir(out: Path | None, data: DataSpec, guide: str, overwrite: bool) -> Path:
+def _prepare_run_dir(
+    out: Path | None, data: DataSpec, guide: str, overwrite: bool, write: bool = True
+) -> Path:
     run_dir = out or Path("runs") / f"{data.name}-{guide}"
+    if not write:  # another process owns the folder
+        return run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir}: exists and is not a folder")
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
@@ -237,6 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         num_particles=args.num_particles,
         seed=args.seed,
+        jit=args.jit,
     )
     data = load_dataset(spec)
     if args.batch_size > data.train.shape[0]:
@@ -252,28 +261,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         dict(args.guide_option),
         data.image_shape,
     )
-    pyro.set_rng_seed(args.seed)
+    replica, device = init_replica(device)  # under torchrun: join the process group
+    if args.jit and replica.world_size > 1:
+        raise UsageError("--jit is not supported with several processes; drop --jit")
+    pyro.set_rng_seed(args.seed)  # the same initial weights on every rank
     vae = VAE(config).to(device)  # guide options are checked here, before the folder exists
-    run_dir = _prepare_run_dir(args.out, spec, args.guide, args.overwrite)
-    _write_json(
-        run_dir / CONFIG,
-        {
-            "version": __version__,
-            "model": config.to_dict(),
-            "train": vars(train_config),
-            "data": vars(spec),
-        },
-    )
-    print(
-        f"training a {args.guide} VAE on {spec.name}: {data.train.shape[0]} train / "
-        f"{data.valid.shape[0]} valid images of {data.data_dim} pixels, on {device}",
-        file=sys.stderr,
-    )
+    pyro.set_rng_seed(args.seed + replica.rank)  # then each rank draws its own ELBO noise
+    run_dir = _prepare_run_dir(args.out, spec, args.guide, args.overwrite, replica.is_main)
+    if replica.is_main:
+        _write_json(
+            run_dir / CONFIG,
+            {
+                "version": __version__,
+                "model": config.to_dict(),
+                "train": vars(train_config),
+                "data": vars(spec),
+            },
+        )
+        print(
+            f"training a {args.guide} VAE on {spec.name}: {data.train.shape[0]} train / "
+            f"{data.valid.shape[0]} valid images of {data.data_dim} pixels, on {device}"
+            + (f" and {replica.world_size - 1} more processes" if replica.world_size > 1 else ""),
+            file=sys.stderr,
+        )
     try:
-        history = fit(vae, data, train_config, run_dir, progress=not args.quiet)
+        history = fit(vae, data, train_config, run_dir, not args.quiet, replica)
     except TrainingDiverged as error:
         print(f"pyro-vae: error: {error}", file=sys.stderr)
         return 1
+    if not replica.is_main:
+        return 0
     vae, payload = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
     pictures = _save_pictures(vae, data.valid.to(device), run_dir)
     print(
@@ -341,7 +358,14 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for bad input)."""
+    """Run the command line; returns the exit status (2 for bad input).
+
+    A ``torchrun`` worker leaves its process group and exits here instead of returning.
+    """
+    return finish_worker(_run(argv))
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

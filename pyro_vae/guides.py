@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from .distributions import CholeskyMultivariateNormal
 from .networks import MLP, check_hidden_dims
 
 __all__ = [
@@ -168,4 +169,4 @@ class FullCovarianceGuide(AmortizedGuide):
 
     def forward(self, x: Tensor) -> Distribution:
         loc, scale_tril = self.scale_tril(x)
-        return dist.MultivariateNormal(loc, scale_tril=scale_tril)
+        return CholeskyMultivariateNormal(loc, scale_tril=scale_tril)  # cheap log q of own draws
