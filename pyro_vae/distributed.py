@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 
 import pyro
@@ -63,9 +64,16 @@ class ELBOLoss(nn.Module):
         kwargs["batch_size"] = x.shape[0]  # one compiled graph per batch size
         # the compiled graph reads parameters from the param store: give it this VAE's own
         # store, so an earlier module registered under the same names is never trained instead
-        with pyro.get_param_store().scope(self._param_state) as state:
+        with pyro.get_param_store().scope(self._param_state) as state, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*torch.jit.trace.*", DeprecationWarning)
             self._param_state = state
-            return self.elbo.differentiable_loss(self._model, self._guide, x, **kwargs)
+            loss, surrogate = self.elbo.loss_and_surrogate_loss(
+                self._model, self._guide, x, **kwargs
+            )
+        # value of the loss, gradient of the surrogate: JitTrace_ELBO.differentiable_loss
+        # (pyro 1.9) returns loss + (surrogate - surrogate.detach()), which doubles the
+        # gradient of every reparameterized site
+        return loss.detach() + (surrogate - surrogate.detach())
 
 
 class Replica:
