@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import warnings
@@ -142,7 +143,11 @@ class DistributedReplica(Replica):
         """``DistributedDataParallel(module)``: rank 0's parameters are broadcast now, and
         gradients are averaged over ranks in every backward pass."""
         ids = [self.device] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        # the buffers (prior, index tables) are constants: sync them at init only
+        name = "forward_sync_buffers"  # torch >= 2.13; earlier: broadcast_buffers
+        if name not in inspect.signature(DistributedDataParallel).parameters:
+            name = "broadcast_buffers"
+        return DistributedDataParallel(module, device_ids=ids, **{name: False})
 
     def _sampler(self, num_data: int, seed: int, epoch: int) -> DistributedSampler:
         sampler = DistributedSampler(
