@@ -152,6 +152,7 @@ class FullCovarianceGuide(AmortizedGuide):
         rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
+        self.register_buffer("flat_index", rows * latent_dim + cols, persistent=False)
         self.register_buffer("eye", torch.eye(latent_dim), persistent=False)
         self.tril = nn.Linear(self.context_dim, len(rows))
         nn.init.zeros_(self.tril.weight)  # q starts diagonal
@@ -160,8 +161,9 @@ class FullCovarianceGuide(AmortizedGuide):
     def scale_tril(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean ``(B, D)`` and Cholesky factor L ``(B, D, D)``, diag(L) = sigma > 0."""
         loc, scale, h = self.loc_scale(x)
-        strict = h.new_zeros(*h.shape[:-1], self.latent_dim, self.latent_dim)
-        strict[..., self.rows, self.cols] = self.tril(h)
+        size = self.latent_dim * self.latent_dim  # index_copy: cheaper than 2-d index_put
+        strict = h.new_zeros(*h.shape[:-1], size).index_copy(-1, self.flat_index, self.tril(h))
+        strict = strict.unflatten(-1, (self.latent_dim, self.latent_dim))
         if self.parameterization == "plain":
             return loc, strict + torch.diag_embed(scale)
         eye = self.eye.to(h.dtype)
@@ -169,4 +171,5 @@ class FullCovarianceGuide(AmortizedGuide):
 
     def forward(self, x: Tensor) -> Distribution:
         loc, scale_tril = self.scale_tril(x)
-        return CholeskyMultivariateNormal(loc, scale_tril=scale_tril)  # cheap log q of own draws
+        # lower triangular with a positive diagonal by construction: no validation needed
+        return CholeskyMultivariateNormal(loc, scale_tril=scale_tril, validate_args=False)

@@ -70,3 +70,26 @@ def test_full_guide_uses_the_cheap_path(float64: None) -> None:
     z = post.rsample((2,))
     reference = dist.MultivariateNormal(post.loc, scale_tril=post.scale_tril)
     assert torch.allclose(post.log_prob(z), reference.log_prob(z + 0.0), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("parameterization", ["scaled", "plain"])
+def test_full_guide_factor_layout(float64: None, parameterization: str) -> None:
+    """L from the flat head: row-major strictly-lower entries, diagonal sigma."""
+    q = make_guide("full", 6, 4, (8,), parameterization=parameterization, tril_scale=0.5)
+    with torch.no_grad():
+        q.tril.bias.copy_(torch.arange(1.0, 7.0))
+        q.tril.weight.normal_()
+    x = torch.bernoulli(torch.full((2, 6), 0.5))
+    loc, tril = q.scale_tril(x)
+    sigma = q.loc_scale(x)[1]
+    expected = torch.zeros(2, 4, 4)
+    k = 0
+    for i in range(4):
+        for j in range(i):
+            k += 1
+            expected[:, i, j] = float(k) + q.trunk(x) @ q.tril.weight[k - 1]
+    if parameterization == "scaled":
+        expected = sigma[:, :, None] * (torch.eye(4) + 0.5 * expected)
+    else:
+        expected = expected + torch.diag_embed(sigma)
+    assert torch.allclose(tril, expected, rtol=0, atol=1e-12)
