@@ -71,7 +71,6 @@ class PlainVAE(nn.Module):
         """z ``(B, D)`` from q(z|x) and log q(z|x) ``(B,)``."""
         h = self.trunk(x)
         loc, scale = self.loc(h), F.softplus(self.raw_scale(h)) + MIN_SCALE
-        eps = torch.randn_like(loc)
         if self.guide == "lowrank":
             w = self.head(h).unflatten(-1, (self.latent_dim, self.rank))
             q = torch.distributions.LowRankMultivariateNormal(
@@ -79,6 +78,7 @@ class PlainVAE(nn.Module):
             )
             z = q.rsample()
             return z, q.log_prob(z)
+        eps = torch.randn_like(loc)
         if self.guide == "full":
             strict = h.new_zeros(x.shape[0], self.latent_dim, self.latent_dim)
             strict[:, self.mask] = self.head(h)
