@@ -130,6 +130,8 @@ def fit(
             f"({data.train.shape[0]} images)"
         )
     replica = replica or Replica()
+    if config.jit and replica.world_size > 1:
+        raise ValueError("jit=True is not supported with several processes; use jit=False")
     run_dir = None if run_dir is None or not replica.is_main else Path(run_dir)
     device = vae.prior_loc.device
     data = data.to(device)  # once: every minibatch is then indexed on the device
