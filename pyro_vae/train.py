@@ -81,7 +81,8 @@ def _make_loss(config: TrainConfig) -> Trace_ELBO:
 
 def _make_optimizer(params: Iterable[Tensor], lr: float, device: torch.device) -> Adam:
     """One Adam over all parameters, fused into a few kernels where torch supports it."""
-    fused = device.type in ("cpu", "cuda")
+    version = tuple(int(part) for part in torch.__version__.split(".")[:2])
+    fused = device.type == "cuda" or (device.type == "cpu" and version >= (2, 4))
     return torch.optim.Adam(params, lr=lr, fused=fused, foreach=None if fused else True)
 
 

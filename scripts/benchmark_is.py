@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +28,26 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mib() -> float:
+    """Current resident set size (Linux ``/proc/self/status``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class RSSMonitor(threading.Thread):
+    """Samples the resident set size every ``interval`` seconds; ``peak`` is the largest."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.peak, self.done = interval, rss_mib(), threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            self.peak = max(self.peak, rss_mib())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=["digits"], help="NAME [PATH] or FILE.npz")
@@ -40,23 +62,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
-    x = load_dataset(data_spec(args.data, None)).valid[: args.num_images]
+    x = load_dataset(data_spec(args.data, None)).valid[: args.num_images].clone()
+    gc.collect()  # drop the other splits
     if args.run is not None:
         vae, _ = load_checkpoint(args.run / "checkpoint.pt")
     else:
         vae = VAE(VAEConfig(x.shape[1], args.latent_dim, (400,), args.guide))
-    before = peak_rss_mib()
+    before, monitor = rss_mib(), RSSMonitor()
+    monitor.start()
     start = time.perf_counter()
     result = evaluate(
         vae, x, args.num_samples, batch_size=args.batch_size, max_elements=args.max_elements
     )
     seconds = time.perf_counter() - start
+    monitor.done.set()
+    monitor.join()
     print(f"# {' '.join(sys.argv)}")
     print(
         f"{x.shape[0]} images, K = {args.num_samples}, guide {vae.config.guide}: "
         f"IS log p(x) {result.log_likelihood:.2f}, ELBO {result.elbo:.2f} nats; "
-        f"{seconds:.1f} s = {x.shape[0] / seconds:.2f} images/s; "
-        f"peak RSS {peak_rss_mib():.0f} MiB (before evaluating: {before:.0f} MiB)"
+        f"{seconds:.1f} s = {x.shape[0] / seconds:.2f} images/s; RSS {before:.0f} MiB before, "
+        f"peak {monitor.peak:.0f} MiB while evaluating (process peak {peak_rss_mib():.0f} MiB)"
     )
     return 0
 
