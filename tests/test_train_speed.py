@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pyro
 import pytest
 import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO
 
 from pyro_vae import GUIDES, VAE, VAEConfig
+from pyro_vae.cli import main
 from pyro_vae.data import Dataset
 from pyro_vae.distributed import ELBOLoss
 from pyro_vae.evaluate import log_likelihood
@@ -115,3 +120,14 @@ def test_cuda_training_and_evaluation(key: str) -> None:
     assert log_px.device.type == "cuda" and log_px.isfinite().all()
     cpu_log_px = log_likelihood(vae.cpu(), x[:10], num_samples=200)
     assert torch.allclose(log_px.cpu(), cpu_log_px, atol=0.5)  # two IS estimates of one value
+
+
+def test_cli_jit_and_particles(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 2, size=(400, 16)).astype(np.float32)
+    np.save(tmp_path / "tiny.npy", images)
+    argv = ["train", "--data", str(tmp_path / "tiny.npy"), "--guide", "full", "--jit"]
+    argv += ["--num-particles", "2", "--latent-dim", "2", "--hidden-dims", "8", "--epochs", "1"]
+    argv += ["--batch-size", "64", "--out", str(tmp_path / "run"), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["jit"] is True and saved["num_particles"] == 2
