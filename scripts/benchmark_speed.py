@@ -203,9 +203,10 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> tuple[list[dict
                 run()  # warm-up (and JIT compilation)
                 runs[guide, variant] = run
     times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         for key, run in runs.items():  # alternate: every variant once per repeat
             times[key].append(time_call(run, device))
+        print(f"# {device.type}: repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
     steps = math.ceil(data.train.shape[0] / args.batch_size)
     rows = []
     for (guide, variant), values in times.items():
