@@ -16,6 +16,7 @@ from . import __version__
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, read_payload
 from .compare import CompareConfig, compare_guides
 from .data import BINARIZE_MODES, DATASETS, DataError, DataSpec, load_dataset
+from .distributed import finish_worker, init_replica
 from .evaluate import evaluate
 from .gaps import inference_gaps
 from .guides import GUIDES, FlowGuide
@@ -169,7 +170,10 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     train.add_argument("--epochs", type=_positive_int, default=300)
     train.add_argument("--batch-size", type=_positive_int, default=100)
     train.add_argument("--lr", type=_positive_float, default=1e-3)
-    train.add_argument("--num-particles", type=_positive_int, default=1)
+    train.add_argument(
+        "--num-particles", type=_positive_int, default=1, help="vectorized z draws per image"
+    )
+    train.add_argument("--jit", action="store_true", help="compile the loss (JitTrace_ELBO)")
     train.add_argument(
         "--clip-norm",
         type=_positive_float,
@@ -342,10 +346,15 @@ def data_spec(values: Sequence[str], binarize: str | None, seed: int = 0) -> Dat
 
 
 def _prepare_run_dir(
-    out: Path | None, data: DataSpec, guide: str, overwrite: bool
+    out: Path | None, data: DataSpec, guide: str, overwrite: bool, write: bool = True
 ) -> tuple[Path, bool]:
-    """The run folder, emptied of an old run's files; also whether it was created here."""
+    """The run folder, emptied of an old run's files; also whether it was created here.
+
+    With ``write=False`` (a process other than rank 0) nothing is checked or touched.
+    """
     run_dir = out or Path("runs") / f"{data.name}-{guide}"
+    if not write:  # another process owns the folder
+        return run_dir, False
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir}: exists and is not a folder")
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
@@ -462,6 +471,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed,
             clip_norm=args.clip_norm,
             objective=_objective(args.objective),
+            jit=args.jit,
         )
     data = load_dataset(spec)
     if train_config.batch_size > data.train.shape[0]:
@@ -482,34 +492,50 @@ def cmd_train(args: argparse.Namespace) -> int:
             prior_options=dict(args.prior_option),
             latent=args.latent,
         )
-    pyro.set_rng_seed(train_config.seed)
+    replica, device = init_replica(device)  # under torchrun: join the process group
+    if replica.world_size > 1 and (args.jit or resuming):
+        raise UsageError("--jit and --resume are not supported with several processes")
+    pyro.set_rng_seed(train_config.seed)  # the same initial weights on every rank
     vae = VAE(config).to(device)  # guide options are checked here, before the folder exists
+    pyro.set_rng_seed(train_config.seed + replica.rank)  # then each rank draws its own noise
     if resuming:
         run_dir, created = args.resume, False
     else:
-        run_dir, created = _prepare_run_dir(args.out, spec, args.guide, args.overwrite)
-    _write_json(
-        run_dir / CONFIG,
-        {
-            "version": __version__,
-            "model": config.to_dict(),
-            "train": vars(train_config),
-            "data": vars(spec),
-        },
-    )
-    print(
-        f"{'resuming' if resuming else 'training'} a {config.guide} VAE on {spec.name}: "
-        f"{data.train.shape[0]} train / {data.valid.shape[0]} valid images of "
-        f"{data.data_dim} pixels, on {device}",
-        file=sys.stderr,
-    )
+        run_dir, created = _prepare_run_dir(
+            args.out, spec, args.guide, args.overwrite, replica.is_main
+        )
+    if replica.is_main:
+        _write_json(
+            run_dir / CONFIG,
+            {
+                "version": __version__,
+                "model": config.to_dict(),
+                "train": vars(train_config),
+                "data": vars(spec),
+            },
+        )
+        more = replica.world_size - 1
+        print(
+            f"{'resuming' if resuming else 'training'} a {config.guide} VAE on {spec.name}: "
+            f"{data.train.shape[0]} train / {data.valid.shape[0]} valid images of "
+            f"{data.data_dim} pixels, on {device}"
+            + (f" and {more} more processes" if more else ""),
+            file=sys.stderr,
+        )
     try:
-        history = fit(vae, data, train_config, run_dir, progress=not args.quiet, resume=resuming)
+        history = fit(
+            vae, data, train_config, run_dir, not args.quiet, resume=resuming, replica=replica
+        )
     except (TrainingDiverged, TrainingInterrupted) as error:
+        if not replica.is_main:
+            return 1
         return _report_stop(error, run_dir, created)
     except BaseException:
-        _discard_unstarted(run_dir, created)
+        if replica.is_main:
+            _discard_unstarted(run_dir, created)
         raise
+    if not replica.is_main:
+        return 0
     vae, payload = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
     pictures = _save_pictures(vae, data.valid.to(device), run_dir)
     print(
@@ -699,19 +725,21 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for bad input)."""
+    """Run the command line; returns the exit status (2 for bad input).
+
+    A ``torchrun`` worker leaves its process group and exits here instead of returning.
+    """
+    return finish_worker(_run(argv))
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
         args.argv = argv
         return COMMANDS[args.command](args)
-    except (UsageError, DataError, CheckpointError) as error:
-        print(f"pyro-vae: error: {_one_line(error)}", file=sys.stderr)
-        return 2
-    except ValueError as error:  # invalid settings caught by the library's constructors
-        print(f"pyro-vae: error: {_one_line(error)}", file=sys.stderr)
-        return 2
-    except OSError as error:
+    except (UsageError, DataError, CheckpointError, ValueError, OSError) as error:
+        # ValueError: invalid settings caught by the library's constructors
         print(f"pyro-vae: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

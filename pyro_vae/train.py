@@ -6,18 +6,20 @@ import csv
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from pyro.infer import ELBO
+from pyro.infer import ELBO, JitTrace_ELBO
 from torch import Tensor
+from torch.optim import Adam
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write, save_checkpoint
-from .data import Dataset, minibatches
+from .data import Dataset
+from .distributed import ELBOLoss, Replica
 from .evaluate import elbo as elbo_per_point
 from .model import VAE
 from .objectives import OBJECTIVES, make_objective
@@ -71,6 +73,8 @@ class TrainConfig:
         seed: Seed of the minibatch order and dynamic binarization (the CLI also seeds Pyro).
         log_every: Steps between progress-bar updates and NaN/inf checks (each syncs the device).
         clip_norm: Clip the gradient's total 2-norm to this value before each step; None: off.
+        jit: Compile the loss with ``JitTrace_ELBO`` (objective ``elbo`` only; one graph per
+            batch size).
     """
 
     num_epochs: int = 300
@@ -81,6 +85,7 @@ class TrainConfig:
     log_every: int = 10
     clip_norm: float | None = None
     objective: str = "elbo"
+    jit: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "batch_size", "num_particles", "log_every"):
@@ -98,17 +103,37 @@ class TrainConfig:
             raise ValueError(
                 f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}"
             )
+        if not isinstance(self.jit, bool):
+            raise TypeError(f"jit must be True or False, got {self.jit!r}")
+        if self.jit and self.objective != "elbo":
+            raise ValueError(f"jit=True needs objective 'elbo', got {self.objective!r}")
 
 
 def _make_loss(config: TrainConfig) -> ELBO:
+    if config.jit:
+        return JitTrace_ELBO(
+            num_particles=config.num_particles,
+            vectorize_particles=config.num_particles > 1,
+            max_plate_nesting=1,
+            ignore_jit_warnings=True,
+        )
     return make_objective(config.objective, config.num_particles)
 
 
-def _valid_elbo(vae: VAE, x: torch.Tensor, batch_size: int) -> float:
+def _make_optimizer(params: Iterable[Tensor], lr: float, device: torch.device) -> Adam:
+    """One Adam over all parameters, fused into a few kernels where torch supports it."""
+    version = tuple(int(part) for part in torch.__version__.split(".")[:2])
+    fused = device.type == "cuda" or (device.type == "cpu" and version >= (2, 4))
+    return torch.optim.Adam(params, lr=lr, fused=fused, foreach=None if fused else True)
+
+
+def _valid_elbo(vae: VAE, x: torch.Tensor, batch_size: int, replica: Replica) -> float:
     vae.eval()
-    total = sum(float(elbo_per_point(vae, batch).sum()) for batch in x.split(batch_size))
+    total = x.new_zeros(())
+    for batch in replica.shard(x).split(batch_size):
+        total += elbo_per_point(vae, batch).sum()
     vae.train()
-    return total / x.shape[0]
+    return float(replica.sum(total)) / x.shape[0]
 
 
 def fit(
@@ -118,6 +143,7 @@ def fit(
     run_dir: str | Path | None = None,
     progress: bool = True,
     resume: bool = False,
+    replica: Replica | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``vae`` on ``data.train`` by maximizing the ELBO with Adam.
 
@@ -132,27 +158,34 @@ def fit(
     Raises:
         TrainingDiverged: a loss or gradient became NaN/inf; the files hold the last good state.
         TrainingInterrupted: Ctrl-C; ``last.pt`` holds the last completed epoch.
+
+    With a :class:`~pyro_vae.distributed.DistributedReplica`, this process trains its shard
+    of every epoch through DistributedDataParallel and only rank 0 writes files.
     """
-    _check_fit_args(vae, data, config, run_dir, resume)
-    run_dir = None if run_dir is None else Path(run_dir)
+    replica = replica or Replica()
+    _check_fit_args(vae, data, config, run_dir, resume, replica)
+    run_dir = None if run_dir is None or not replica.is_main else Path(run_dir)
     if run_dir is not None and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
-    data = data.to(vae.prior_loc.device)
-    loss_fn = _make_loss(config).differentiable_loss
-    optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
+    device = vae.prior_loc.device
+    data = data.to(device)  # once: every minibatch is then indexed on the device
+    loss_fn = replica.wrap(ELBOLoss(vae, _make_loss(config)))
+    optimizer = _make_optimizer(loss_fn.parameters(), config.lr, device)
     generator = torch.Generator().manual_seed(config.seed)
     state = _restore(run_dir, vae, optimizer, generator, config) if resume else Progress()
-    steps = math.ceil(data.train.shape[0] / config.batch_size)
+    steps = replica.num_batches(data.train.shape[0], config.batch_size)
     with tqdm(
         total=config.num_epochs * steps,
         initial=state.epoch * steps,
-        disable=not progress,
+        disable=not (progress and replica.is_main),
         unit="step",
         dynamic_ncols=True,
     ) as bar:
         for epoch in range(state.epoch + 1, config.num_epochs + 1):
             try:
-                row = _run_epoch(vae, data, loss_fn, optimizer, config, generator, epoch, bar)
+                row = _run_epoch(
+                    vae, data, loss_fn, optimizer, config, generator, epoch, bar, replica
+                )
                 state = _end_epoch(run_dir, vae, optimizer, generator, config, state, row)
             except KeyboardInterrupt:
                 raise TrainingInterrupted(epoch, state.epoch, run_dir) from None
@@ -160,7 +193,12 @@ def fit(
 
 
 def _check_fit_args(
-    vae: VAE, data: Dataset, config: TrainConfig, run_dir: str | Path | None, resume: bool
+    vae: VAE,
+    data: Dataset,
+    config: TrainConfig,
+    run_dir: str | Path | None,
+    resume: bool,
+    replica: Replica,
 ) -> None:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -175,6 +213,8 @@ def _check_fit_args(
         )
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir that holds last.pt")
+    if replica.world_size > 1 and (config.jit or resume):
+        raise ValueError("jit=True and resume=True are not supported with several processes")
 
 
 def _restore(
@@ -201,14 +241,17 @@ def _run_epoch(
     generator: torch.Generator,
     epoch: int,
     bar: tqdm,
+    replica: Replica,
 ) -> dict[str, Any]:
     """Train one epoch and validate; returns its metrics row."""
     start = time.perf_counter()
     bar.set_description(f"epoch {epoch}/{config.num_epochs}")
     vae.train()
-    train_elbo = _train_epoch(vae, data, loss_fn, optimizer, config, generator, epoch, bar)
+    train_elbo = _train_epoch(
+        vae, data, loss_fn, optimizer, config, generator, epoch, bar, replica
+    )
     try:
-        valid_elbo = _valid_elbo(vae, data.valid, config.batch_size)
+        valid_elbo = _valid_elbo(vae, data.valid, config.batch_size, replica)
     except ValueError as error:
         raise _invalid_parameters(error, f"epoch {epoch}, validation") from None
     if not math.isfinite(valid_elbo):
@@ -267,47 +310,53 @@ def _train_epoch(
     generator: torch.Generator,
     epoch: int,
     bar: tqdm,
+    replica: Replica,
 ) -> float:
     """One shuffled pass over the training split; returns its mean ELBO per image.
 
-    Losses and gradient norms stay on the device and are read back (and checked for
-    NaN/inf) every ``log_every`` steps.
+    ``loss_fn(x, num_data, subsample)`` is the (possibly wrapped) :class:`ELBOLoss`. Losses
+    and gradient norms stay on the device and are read back (and checked for NaN/inf) every
+    ``log_every`` steps.
     """
     num_data = data.train.shape[0]
     total, seen = torch.zeros((), device=data.train.device), 0
     window: list[Tensor] = []  # (loss, gradient norm) of the steps since the last check
-    batches = minibatches(num_data, config.batch_size, generator, data.train.device)
+    batches = replica.batches(num_data, config.batch_size, generator, epoch, data.train.device)
     for step, index in enumerate(batches, start=1):
         x = data.train_batch(index)
         try:
-            loss, norm = _step(vae, loss_fn, optimizer, x, num_data, config.clip_norm)
+            loss, norm = _step(
+                loss_fn, optimizer, x, num_data, replica.subsample(index), config.clip_norm
+            )
         except ValueError as error:  # distribution validation refuses NaN/inf parameters
             _check_finite(window, epoch, step - len(window))  # an earlier step caused it?
             raise _invalid_parameters(error, f"epoch {epoch}, step {step}") from None
         window.append(torch.stack((loss, norm)))
         total += loss * (x.shape[0] / num_data)
         seen += x.shape[0]
-        if step % config.log_every == 0 or seen == num_data:
+        if step % config.log_every == 0:
             _check_finite(window, epoch, step - len(window) + 1)
             window.clear()
             bar.set_postfix(elbo=f"{-float(total) / seen:.2f}")
         bar.update(1)
-    return -float(total) / num_data
+    _check_finite(window, epoch, step - len(window) + 1)
+    total = replica.sum(total)
+    return -float(total) / (seen * replica.world_size)
 
 
 def _step(
-    vae: VAE,
     loss_fn: Callable[..., Tensor],
     optimizer: torch.optim.Optimizer,
     x: Tensor,
     num_data: int,
+    subsample: Tensor | None,
     clip_norm: float | None,
 ) -> tuple[Tensor, Tensor]:
     """One Adam step on the minibatch ``x`` ``(B, P)``; returns the loss and gradient norm."""
-    loss = loss_fn(vae.model, vae.guide, x, num_data=num_data)  # -ELBO estimate, all N images
+    loss = loss_fn(x, num_data, subsample)  # -ELBO estimate of all N images
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grads = [p for p in vae.parameters() if p.grad is not None]
+    grads = [p for p in loss_fn.parameters() if p.grad is not None]
     if clip_norm is None:
         norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
     else:

@@ -1,10 +1,11 @@
-"""Amortized posteriors q(z|x): the registry, Gaussian guides and normalizing-flow guides."""
+"""Amortized posteriors q(z|x): the registry, Gaussian guides (diagonal, full, low-rank) and flow guides."""
 
 from __future__ import annotations
 
 from .base import GUIDES, MIN_SCALE, AmortizedGuide, FlowGuide, make_guide, register_guide
 from .flows import IAFGuide, PlanarGuide, RadialGuide, SplineGuide
 from .gaussian import DiagonalNormalGuide, FullCovarianceGuide
+from .lowrank import LowRankNormalGuide
 from .sylvester import ConditionedHouseholderSylvester, HouseholderSylvesterGuide
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "FullCovarianceGuide",
     "HouseholderSylvesterGuide",
     "IAFGuide",
+    "LowRankNormalGuide",
     "PlanarGuide",
     "RadialGuide",
     "SplineGuide",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from ..distributions import CholeskyMultivariateNormal
 from .base import AmortizedGuide, register_guide
 
 __all__ = ["DiagonalNormalGuide", "FullCovarianceGuide"]
@@ -71,6 +71,7 @@ class FullCovarianceGuide(AmortizedGuide):
         rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
+        self.register_buffer("flat_index", rows * latent_dim + cols, persistent=False)
         self.register_buffer("eye", torch.eye(latent_dim), persistent=False)
         # the L' head starts at zero, so q starts diagonal; D = 1 has no off-diagonal entries
         self.tril = nn.Linear(self.context_dim, len(rows)) if len(rows) else None
@@ -81,9 +82,11 @@ class FullCovarianceGuide(AmortizedGuide):
     def scale_tril(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean ``(B, D)`` and Cholesky factor L ``(B, D, D)``, diag(L) = sigma > 0."""
         loc, scale, h = self.loc_scale(x)
-        strict = h.new_zeros(*h.shape[:-1], self.latent_dim, self.latent_dim)
-        if self.tril is not None:
-            strict[..., self.rows, self.cols] = self.tril(h)
+        size = self.latent_dim * self.latent_dim
+        strict = h.new_zeros(*h.shape[:-1], size)
+        if self.tril is not None:  # index_copy: cheaper than a 2-d index_put
+            strict = strict.index_copy(-1, self.flat_index, self.tril(h))
+        strict = strict.unflatten(-1, (self.latent_dim, self.latent_dim))
         if self.parameterization == "plain":
             return loc, strict + torch.diag_embed(scale)
         eye = self.eye.to(h.dtype)
@@ -91,4 +94,5 @@ class FullCovarianceGuide(AmortizedGuide):
 
     def forward(self, x: Tensor) -> Distribution:
         loc, scale_tril = self.scale_tril(x)
-        return dist.MultivariateNormal(loc, scale_tril=scale_tril)
+        # lower triangular with a positive diagonal by construction: no validation needed
+        return CholeskyMultivariateNormal(loc, scale_tril=scale_tril, validate_args=False)

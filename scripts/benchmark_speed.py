@@ -1,0 +1,279 @@
+"""Time pyro_vae's training epoch against plain PyTorch twins of the same network and objective.
+
+All variants run in one process and alternate within every repeat, so machine load hits them
+alike; the table gives median seconds per epoch and the ratio to the plain twin.
+
+    python scripts/benchmark_speed.py --data binarized-mnist PATH.npz --latent-dim 50 \
+        --hidden-dims 400 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro.infer import SVI, Trace_ELBO
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pyro_vae import GUIDES, VAE, VAEConfig
+from pyro_vae.cli import data_spec
+from pyro_vae.data import Dataset, load_dataset
+from pyro_vae.distributed import Replica
+from pyro_vae.guides import MIN_SCALE
+from pyro_vae.networks import MLP
+from pyro_vae.train import TrainConfig, _make_optimizer, _train_epoch
+
+VARIANTS = ("plain", "pyro", "jit", "local", "svi")
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ---------------------------------------------------------------- plain PyTorch twins
+
+
+class PlainVAE(nn.Module):
+    """The same MLPs as pyro_vae; ``loss`` is the same one-sample ELBO estimate, negated.
+
+    Args:
+        data_dim: P.
+        latent_dim: D.
+        hidden_dims: Encoder widths (decoder reversed).
+        guide: ``diagonal``, ``full`` (scaled Algorithm 2) or ``lowrank``.
+        options: The guide's options (``tril_scale``, ``rank``, ``factor_scale``).
+    """
+
+    def __init__(
+        self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int], guide: str, **options
+    ) -> None:
+        super().__init__()
+        self.guide, self.latent_dim = guide, latent_dim
+        self.trunk = MLP(data_dim, hidden_dims[:-1], hidden_dims[-1], final_activation=True)
+        self.loc = nn.Linear(hidden_dims[-1], latent_dim)
+        self.raw_scale = nn.Linear(hidden_dims[-1], latent_dim)
+        self.decoder = MLP(latent_dim, tuple(reversed(hidden_dims)), data_dim)
+        if guide == "full":
+            self.tril_scale = options.get("tril_scale", 1.5 / latent_dim)
+            self.register_buffer("mask", torch.ones(latent_dim, latent_dim).tril(-1).bool())
+            self.head = nn.Linear(hidden_dims[-1], latent_dim * (latent_dim - 1) // 2)
+        elif guide == "lowrank":
+            self.rank = options.get("rank", 8)
+            self.factor_scale = options.get("factor_scale", 0.1)
+            self.head = nn.Linear(hidden_dims[-1], latent_dim * self.rank)
+
+    def sample_and_log_q(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """z ``(B, D)`` from q(z|x) and log q(z|x) ``(B,)``."""
+        h = self.trunk(x)
+        loc, scale = self.loc(h), F.softplus(self.raw_scale(h)) + MIN_SCALE
+        if self.guide == "lowrank":
+            w = self.head(h).unflatten(-1, (self.latent_dim, self.rank))
+            q = torch.distributions.LowRankMultivariateNormal(
+                loc, (self.factor_scale * scale).unsqueeze(-1) * w, scale.square()
+            )
+            z = q.rsample()
+            return z, q.log_prob(z)
+        eps = torch.randn_like(loc)
+        if self.guide == "full":
+            strict = h.new_zeros(x.shape[0], self.latent_dim, self.latent_dim)
+            strict[:, self.mask] = self.head(h)
+            eps_mixed = eps + self.tril_scale * (strict @ eps.unsqueeze(-1)).squeeze(-1)
+            z = loc + scale * eps_mixed  # L eps with L = diag(scale) (I + c strict)
+        else:
+            z = loc + scale * eps
+        log_q = -0.5 * (eps.square() + LOG_2PI).sum(-1) - scale.log().sum(-1)
+        return z, log_q
+
+    def loss(self, x: Tensor, num_data: int) -> Tensor:
+        """-(N / B) sum_b [log p(x_b|z_b) + log p(z_b) - log q(z_b|x_b)]."""
+        z, log_q = self.sample_and_log_q(x)
+        log_lik = -F.binary_cross_entropy_with_logits(self.decoder(z), x, reduction="none")
+        log_prior = -0.5 * (z.square() + LOG_2PI).sum(-1)
+        return -(num_data / x.shape[0]) * (log_lik.sum(-1) + log_prior - log_q).sum()
+
+
+PLAIN_TWINS = ("diagonal", "full", "lowrank")
+
+
+# ---------------------------------------------------------------- one epoch of each variant
+
+
+def plain_epoch(model: PlainVAE, data: Dataset, config: TrainConfig) -> Callable[[], None]:
+    optimizer = _make_optimizer(model.parameters(), config.lr, data.train.device)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def run() -> None:
+        num_data = data.train.shape[0]
+        total = torch.zeros((), device=data.train.device)
+        order = torch.randperm(num_data, generator=generator).to(data.train.device)
+        for index in order.split(config.batch_size):
+            x = data.train[index]
+            loss = model.loss(x, num_data)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+        float(total)  # one sync, like fit
+
+    return run
+
+
+def pyro_vae_epoch(vae: VAE, data: Dataset, config: TrainConfig) -> Callable[[], None]:
+    """Exactly fit()'s epoch: ELBOLoss, fused Adam, losses accumulated on the device."""
+    from pyro_vae.distributed import ELBOLoss
+    from pyro_vae.train import _make_loss
+
+    loss_fn = ELBOLoss(vae, _make_loss(config))
+    optimizer = _make_optimizer(vae.parameters(), config.lr, data.train.device)
+    generator = torch.Generator().manual_seed(config.seed)
+    bar = tqdm(disable=True)
+    epoch = iter(range(1, 10**9))
+    return lambda: _train_epoch(
+        vae, data, loss_fn, optimizer, config, generator, next(epoch), bar, Replica()
+    )
+
+
+def svi_epoch(vae: VAE, data: Dataset, config: TrainConfig) -> Callable[[], None]:
+    """Pyro used the way its own VAE example does: SVI.step with pyro.optim.Adam."""
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": config.lr}), Trace_ELBO())
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def run() -> None:
+        num_data = data.train.shape[0]
+        order = torch.randperm(num_data, generator=generator).to(data.train.device)
+        for index in order.split(config.batch_size):
+            svi.step(data.train[index], num_data=num_data)
+
+    return run
+
+
+# ---------------------------------------------------------------- driver
+
+
+def build(
+    variant: str, guide: str, data: Dataset, args: argparse.Namespace, device: torch.device
+) -> Callable[[], None] | None:
+    config = TrainConfig(batch_size=args.batch_size, jit=variant == "jit")
+    if variant == "plain":
+        if guide not in PLAIN_TWINS:
+            return None
+        twin = PlainVAE(data.data_dim, args.latent_dim, args.hidden_dims, guide)
+        return plain_epoch(twin.to(device), data, config)
+    with pyro.settings.context(module_local_params=variant == "local"):
+        vae = VAE(VAEConfig(data.data_dim, args.latent_dim, args.hidden_dims, guide)).to(device)
+    if variant == "svi":
+        return svi_epoch(vae, data, config)
+    run = pyro_vae_epoch(vae, data, config)
+    if variant != "local":
+        return run
+
+    def run_local() -> None:
+        with pyro.settings.context(module_local_params=True):
+            run()
+
+    return run_local
+
+
+def time_call(run: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def benchmark(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], int]:
+    data = load_dataset(data_spec(args.data, None)).to(device)
+    if args.steps is not None:
+        data = Dataset(data.train[: args.steps * args.batch_size], data.valid, None, (1, 1))
+    runs = {}
+    for guide in args.guides:
+        for variant in args.variants:
+            pyro.clear_param_store()
+            pyro.set_rng_seed(0)
+            run = build(variant, guide, data, args, device)
+            if run is not None:
+                run()  # warm-up (and JIT compilation)
+                runs[guide, variant] = run
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    for repeat in range(args.repeats):
+        for key, run in runs.items():  # alternate: every variant once per repeat
+            times[key].append(time_call(run, device))
+        print(f"# {device.type}: repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
+    steps = math.ceil(data.train.shape[0] / args.batch_size)
+    rows = []
+    for (guide, variant), values in times.items():
+        median = statistics.median(values)
+        plain = times.get((guide, "plain"))
+        ratio = median / statistics.median(plain) if plain else None
+        rows.append(
+            {
+                "device": device.type,
+                "guide": guide,
+                "variant": variant,
+                "median_s": median,
+                "ms_per_step": 1000 * median / steps,
+                "ratio": ratio,
+                "spread": (min(values), max(values)),
+            }
+        )
+    return rows, steps
+
+
+def markdown(rows: list[dict], steps: int) -> str:
+    lines = [
+        f"| device | guide | variant | median s per {steps} steps | ms / step | × plain PyTorch "
+        "| min-max s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(
+            f"| {r['device']} | {r['guide']} | {r['variant']} | {r['median_s']:.3f} "
+            f"| {r['ms_per_step']:.2f} | {ratio} | {r['spread'][0]:.3f}-{r['spread'][1]:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", nargs="+", default=["digits"], help="NAME [PATH] or FILE.npz")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed run (epoch)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--latent-dim", type=int, default=50)
+    parser.add_argument("--hidden-dims", type=_widths, default=(400,), help="e.g. 400 or 400,200")
+    parser.add_argument("--guides", nargs="+", default=sorted(GUIDES), choices=sorted(GUIDES))
+    parser.add_argument(
+        "--variants", nargs="+", default=["plain", "pyro", "jit"], choices=VARIANTS
+    )
+    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu and cuda if any")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"# {' '.join(sys.argv)}")
+    print(f"# torch {torch.__version__}, pyro {pyro.__version__}, {args.threads} threads")
+    for name in devices:
+        rows, steps = benchmark(args, torch.device(name))
+        print(markdown(rows, steps), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

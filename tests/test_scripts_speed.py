@@ -1,0 +1,72 @@
+"""The speed and memory scripts: the plain twins compute pyro_vae's objective; smoke runs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from pyro_vae import VAE, VAEConfig
+from pyro_vae.distributed import ELBOLoss
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _load("benchmark_speed")
+
+
+def _copy_weights(vae: VAE, twin: torch.nn.Module) -> None:
+    state = {}
+    for name, value in vae.state_dict().items():
+        if name.startswith("encoder."):
+            name = name.removeprefix("encoder.")
+            name = name.replace("tril.", "head.").replace("factor.", "head.")
+        elif name.startswith("decoder.net."):
+            name = name.replace("decoder.net.", "decoder.")
+        else:
+            continue
+        state[name] = value
+    missing = twin.load_state_dict(state, strict=False).missing_keys
+    assert missing == (["mask"] if hasattr(twin, "mask") else [])
+
+
+@pytest.mark.parametrize("guide", ["diagonal", "full", "lowrank"])
+def test_plain_twin_computes_the_same_loss(float64: None, bench: ModuleType, guide: str) -> None:
+    vae = VAE(VAEConfig(7, 3, (6,), guide))
+    twin = bench.PlainVAE(7, 3, (6,), guide)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.normal_(0, 0.5)  # correlated guides too, not their zero start
+    _copy_weights(vae, twin)
+    x = torch.bernoulli(torch.full((5, 7), 0.5))
+    torch.manual_seed(3)
+    expected = ELBOLoss(vae, Trace_ELBO(max_plate_nesting=1))(x, 40)
+    torch.manual_seed(3)  # the same noise draws
+    assert torch.allclose(twin.loss(x, 40), expected, rtol=1e-10, atol=0)
+
+
+def test_benchmark_speed_smoke(bench: ModuleType, capsys: pytest.CaptureFixture) -> None:
+    argv = ["--steps", "2", "--repeats", "1", "--latent-dim", "2", "--hidden-dims", "8"]
+    argv += ["--guides", "diagonal", "full", "--variants", "plain", "pyro", "svi"]
+    assert bench.main([*argv, "--devices", "cpu", "--threads", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "| cpu | full | pyro |" in table and "| cpu | diagonal | plain |" in table
+
+
+def test_benchmark_is_smoke(capsys: pytest.CaptureFixture) -> None:
+    argv = ["--num-images", "4", "--num-samples", "30", "--latent-dim", "2", "--threads", "1"]
+    assert _load("benchmark_is").main(argv) == 0
+    assert "MiB while evaluating" in capsys.readouterr().out

@@ -1,0 +1,133 @@
+"""The fast training path: the ELBO module, vectorized particles, JIT, fused Adam, CUDA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro.infer import JitTrace_ELBO, Trace_ELBO
+
+from pyro_vae import GUIDES, VAE, VAEConfig
+from pyro_vae.cli import main
+from pyro_vae.data import Dataset
+from pyro_vae.distributed import ELBOLoss
+from pyro_vae.evaluate import log_likelihood
+from pyro_vae.train import TrainConfig, _make_optimizer, fit
+
+#: guides known to compile under torch.jit.trace (flows are checked where they are added)
+JIT_GUIDES = ("diagonal", "full", "lowrank")
+
+
+def _tiny_vae(key: str, data_dim: int = 5, latent_dim: int = 2) -> VAE:
+    return VAE(VAEConfig(data_dim, latent_dim, (4,), key))
+
+
+@pytest.mark.parametrize("key", sorted(GUIDES))
+def test_particle_average_matches_single_particle_losses_in_expectation(key: str) -> None:
+    """K vectorized particles: same mean as one particle, K times smaller variance."""
+    vae = _tiny_vae(key)
+    x = torch.bernoulli(torch.full((3, 5), 0.5))
+    single = ELBOLoss(vae, Trace_ELBO(max_plate_nesting=1))
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    multi = ELBOLoss(vae, elbo)
+    multi(x, 30).backward()  # K > 1 trains
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in vae.parameters())
+    with torch.no_grad(), pyro.validation_enabled(False):
+        ones = torch.stack([single(x, 30) for _ in range(200)])
+        fours = torch.stack([multi(x, 30) for _ in range(50)])
+    standard_error = (ones.var() / 200 + fours.var() / 50).sqrt()
+    assert (ones.mean() - fours.mean()).abs() < 4 * standard_error
+    assert 1.5 < float(ones.var() / fours.var()) < 10.0  # independent draws, averaged not summed
+
+
+@pytest.mark.parametrize("key", JIT_GUIDES)
+def test_jit_changes_no_result_beyond_float_tolerance(float64: None, key: str) -> None:
+    vae = _tiny_vae(key)
+    x = torch.bernoulli(torch.full((7, 5), 0.5))
+    eager = ELBOLoss(vae, Trace_ELBO(max_plate_nesting=1))
+    compiled = ELBOLoss(vae, JitTrace_ELBO(max_plate_nesting=1, ignore_jit_warnings=True))
+    for n in (7, 4):  # a second batch size must get its own graph (plate size)
+        compiled(x[:n], 50)  # compile
+        results = []
+        for loss_fn in (compiled, eager):
+            torch.manual_seed(1)  # the same noise draws
+            loss = loss_fn(x[:n], 50)
+            results.append((loss, torch.autograd.grad(loss, list(vae.parameters()))))
+        (loss_jit, grads_jit), (loss_eager, grads_eager) = results
+        assert torch.allclose(loss_jit, loss_eager, rtol=1e-12, atol=0)
+        for a, b in zip(grads_jit, grads_eager, strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_jit_trains_its_own_module_not_an_earlier_one_of_the_same_name() -> None:
+    first = _tiny_vae("diagonal")
+    x = torch.bernoulli(torch.full((6, 5), 0.5))
+    ELBOLoss(first, Trace_ELBO(max_plate_nesting=1))(x)  # registers "vae.*" in the param store
+    second = _tiny_vae("diagonal")
+    before = [p.detach().clone() for p in second.parameters()]
+    data = Dataset(x, x[:2], None, (1, 5))
+    fit(second, data, TrainConfig(num_epochs=2, batch_size=3, jit=True), progress=False)
+    assert all(not torch.equal(a, b) for a, b in zip(before, second.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("key", sorted(GUIDES))
+def test_fit_with_particles_for_every_guide(key: str) -> None:
+    vae = _tiny_vae(key)
+    x = torch.bernoulli(torch.full((12, 5), 0.5))
+    data = Dataset(x, x[:4], None, (1, 5))
+    history = fit(vae, data, TrainConfig(num_epochs=2, batch_size=5, num_particles=3), None, False)
+    assert len(history) == 2
+    assert all(row["train_elbo"] < 0 and row["valid_elbo"] < 0 for row in history)
+
+
+def test_fused_adam_takes_the_same_steps_as_the_reference_adam() -> None:
+    torch.manual_seed(0)
+    params = [torch.randn(3, 4, requires_grad=True), torch.randn(4, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    fast = _make_optimizer(params, 1e-2, torch.device("cpu"))
+    slow = torch.optim.Adam(twins, lr=1e-2, foreach=False)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, t, g in zip(params, twins, grads, strict=True):
+            p.grad, t.grad = g.clone(), g.clone()
+        fast.step()
+        slow.step()
+    for p, t in zip(params, twins, strict=True):
+        assert torch.allclose(p, t, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p, torch.zeros_like(p))
+
+
+def test_bad_jit_flag_is_refused() -> None:
+    with pytest.raises(TypeError, match="'yes'"):
+        TrainConfig(jit="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("key", sorted(GUIDES))
+def test_cuda_training_and_evaluation(key: str) -> None:
+    device = torch.device("cuda")
+    vae = _tiny_vae(key, data_dim=16, latent_dim=3).to(device)
+    x = torch.bernoulli(torch.full((40, 16), 0.3))
+    data = Dataset(x, x[:10], None, (4, 4))  # on the CPU: fit moves it once
+    history = fit(vae, data, TrainConfig(num_epochs=2, batch_size=8, num_particles=2), None, False)
+    assert all(p.device.type == "cuda" for p in vae.parameters())
+    assert history[-1]["valid_elbo"] < 0
+    log_px = log_likelihood(vae, x[:10].to(device), num_samples=200)
+    assert log_px.device.type == "cuda" and log_px.isfinite().all()
+    cpu_log_px = log_likelihood(vae.cpu(), x[:10], num_samples=200)
+    assert torch.allclose(log_px.cpu(), cpu_log_px, atol=0.5)  # two IS estimates of one value
+
+
+def test_cli_jit_and_particles(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 2, size=(400, 16)).astype(np.float32)
+    np.save(tmp_path / "tiny.npy", images)
+    argv = ["train", "--data", str(tmp_path / "tiny.npy"), "--guide", "full", "--jit"]
+    argv += ["--num-particles", "2", "--latent-dim", "2", "--hidden-dims", "8", "--epochs", "1"]
+    argv += ["--batch-size", "64", "--out", str(tmp_path / "run"), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["jit"] is True and saved["num_particles"] == 2
