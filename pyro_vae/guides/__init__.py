@@ -1,4 +1,4 @@
-"""Amortized posteriors q(z|x): the registry, Gaussian guides (diagonal, full, low-rank) and flow guides."""
+"""Amortized posteriors q(z|x): the registry, Gaussian guides and normalizing-flow guides."""
 
 from __future__ import annotations
 
