@@ -36,10 +36,20 @@ class CholeskyMultivariateNormal(dist.MultivariateNormal):
         self._last_draw = (z, eps)
         return z
 
+    def _on_sampling_path(self, value: Tensor) -> bool:
+        """True when the shortcut's gradient is right: value carries its graph back to loc
+        and L (a reparameterized draw), or no gradient of the parameters is wanted. A draw
+        made without a graph (``sample()``, as score-function estimators use) is scored by
+        the general formula, whose gradient holds z fixed."""
+        wants_grad = torch.is_grad_enabled() and (
+            self.loc.requires_grad or self._unbroadcasted_scale_tril.requires_grad
+        )
+        return value.requires_grad or not wants_grad
+
     def log_prob(self, value: Tensor) -> Tensor:
         """log q(value), shape ``sample_shape + batch_shape``."""
         draw = getattr(self, "_last_draw", None)
-        if draw is None or value is not draw[0]:
+        if draw is None or value is not draw[0] or not self._on_sampling_path(value):
             return super().log_prob(value)
         if self._validate_args:
             self._validate_sample(value)

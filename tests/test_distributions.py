@@ -93,3 +93,18 @@ def test_full_guide_factor_layout(float64: None, parameterization: str) -> None:
     else:
         expected = expected + torch.diag_embed(sigma)
     assert torch.allclose(tril, expected, rtol=0, atol=1e-12)
+
+
+def test_draw_without_a_graph_gets_the_score_function_gradient(float64: None) -> None:
+    """sample() keeps no graph: d log q / d theta must hold z fixed, as MultivariateNormal's."""
+    loc = torch.randn(3, 4, requires_grad=True)
+    raw = torch.randn(3, 4, 4)
+    tril = (raw.tril(-1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())).requires_grad_()
+    q = CholeskyMultivariateNormal(loc, scale_tril=tril)
+    z = q.sample()
+    cheap = torch.autograd.grad(q.log_prob(z).sum(), (loc, tril))
+    exact = torch.autograd.grad(
+        torch.distributions.MultivariateNormal(loc, scale_tril=tril).log_prob(z).sum(), (loc, tril)
+    )
+    for a, b in zip(cheap, exact, strict=True):
+        torch.testing.assert_close(a, b)

@@ -14,6 +14,7 @@ from robust_helpers import cli_train, save_binary_npy, tiny_data, tiny_vae
 
 from pyro_vae.checkpoint import read_payload
 from pyro_vae.cli import main
+from pyro_vae.distributed import ELBOLoss
 from pyro_vae.resume import LAST
 from pyro_vae.train import (
     METRICS,
@@ -92,7 +93,9 @@ def test_step_clips_the_gradient_norm() -> None:
     vae = tiny_vae()
     before = [p.detach().clone() for p in vae.parameters()]
     torch.manual_seed(1)
-    _, reported = _step(vae, loss_fn, torch.optim.SGD(vae.parameters(), lr=1.0), x, 48, clip)
+    step_loss = ELBOLoss(vae, _make_loss(TrainConfig()))
+    sgd = torch.optim.SGD(vae.parameters(), lr=1.0)
+    _, reported = _step(step_loss, sgd, x, 48, None, clip)
     torch.testing.assert_close(reported, norm)
     for b, p, g in zip(before, vae.parameters(), grads, strict=True):
         torch.testing.assert_close(b - p.detach(), g * clip / norm, rtol=1e-4, atol=1e-6)
