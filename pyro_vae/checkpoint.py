@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
+import secrets
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +37,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     A crash at any instant leaves either the old file or the new one, never a torn file.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    # O_EXCL: a fresh file; mode 0666 minus the umask, as an ordinary open() gives
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as handle:

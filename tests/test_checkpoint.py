@@ -67,3 +67,14 @@ def test_other_format_versions_missing_and_garbage_files_are_clear_errors(tmp_pa
     torch.save({**payload, "state_dict": {}}, tmp_path / "empty.pt")
     with pytest.raises(CheckpointError, match="inconsistent"):
         load_checkpoint(tmp_path / "empty.pt")
+
+
+def test_atomic_writes_get_the_mode_of_an_ordinary_file(tmp_path: Path) -> None:
+    import os
+
+    save_checkpoint(tmp_path / "c.pt", VAE(VAEConfig(4, 2, (3,))))
+    (tmp_path / "plain").write_bytes(b"")
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == (
+        tmp_path / "plain"
+    ).stat().st_mode & 0o777
+    assert os.access(tmp_path / "c.pt", os.R_OK)
