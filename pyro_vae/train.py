@@ -356,7 +356,8 @@ def _step(
     loss = loss_fn(x, num_data, subsample)  # -ELBO estimate of all N images
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grads = [p for p in loss_fn.parameters() if p.grad is not None]
+    # the optimizer's own list: no walk over the module tree on every step
+    grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if clip_norm is None:
         norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
     else:
