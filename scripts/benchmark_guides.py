@@ -3,7 +3,7 @@
 Example::
 
     python scripts/benchmark_guides.py --data digits --epochs 100 --out digits.md
-    python scripts/benchmark_guides.py --data binarized-mnist ../shared/data/binarized_mnist.npz \
+    python scripts/benchmark_guides.py --data binarized-mnist binarized_mnist.npz \
         --epochs 5 --latent-dim 32 --hidden-dims 400 --num-points 1000 --out mnist.md
 """
 
