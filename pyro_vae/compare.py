@@ -22,6 +22,7 @@ from .guides import GUIDES
 from .model import VAE, VAEConfig
 from .pictures import save_image_grid
 from .train import CHECKPOINT, TrainConfig, fit
+from .validation import check_positive_int
 
 __all__ = [
     "METRICS",
@@ -89,8 +90,7 @@ class CompareConfig:
             raise ValueError(f"guides must be distinct, got {','.join(self.guides)}")
         for name in ("num_seeds", "num_samples"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, value)
 
 
 @torch.no_grad()

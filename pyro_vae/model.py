@@ -15,6 +15,7 @@ from .guides import GUIDES, make_guide
 from .networks import ConvDecoder, ConvEncoder, Decoder, check_hidden_dims
 from .priors import LATENTS, PRIORS, make_prior
 from .sphere import VonMisesFisher
+from .validation import check_positive_int
 
 __all__ = ["ARCHS", "MAX_LATENT_DIM", "VAE", "VAEConfig"]
 
@@ -57,8 +58,7 @@ class VAEConfig:
     def __post_init__(self) -> None:
         for name in ("data_dim", "latent_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, value)
         if self.latent_dim > MAX_LATENT_DIM:
             raise ValueError(f"latent_dim must be <= {MAX_LATENT_DIM}, got {self.latent_dim}")
         object.__setattr__(self, "hidden_dims", check_hidden_dims(self.hidden_dims))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pyro.distributions as dist
@@ -13,6 +12,7 @@ from torch.distributions import Distribution
 
 from .guides import MIN_SCALE
 from .sphere import HypersphericalUniform
+from .validation import check_key, check_positive_int, registrar
 
 __all__ = [
     "LATENTS",
@@ -33,17 +33,8 @@ LATENTS = ("euclidean", "sphere")
 PRIORS: dict[str, type[LatentPrior]] = {}
 
 
-def register_prior(key: str) -> Callable[[type[LatentPrior]], type[LatentPrior]]:
-    """Class decorator adding a prior to ``PRIORS`` under ``key``."""
-
-    def add(cls: type[LatentPrior]) -> type[LatentPrior]:
-        if key in PRIORS:
-            raise ValueError(f"prior {key!r} is already registered by {PRIORS[key].__name__}")
-        PRIORS[key] = cls
-        cls.key = key
-        return cls
-
-    return add
+#: ``@register_prior("key")``: class decorator adding a prior to ``PRIORS``.
+register_prior = registrar(PRIORS, "prior")
 
 
 class LatentPrior(nn.Module):
@@ -57,8 +48,7 @@ class LatentPrior(nn.Module):
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
-        if not isinstance(latent_dim, int) or isinstance(latent_dim, bool) or latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        check_positive_int("latent_dim", latent_dim)
         self.latent_dim = latent_dim
 
     def forward(self) -> Distribution:
@@ -75,8 +65,7 @@ def make_prior(
     """Build the prior registered under ``key``; on the sphere only ``standard`` (uniform)."""
     if latent not in LATENTS:
         raise ValueError(f"unknown latent {latent!r}; choose one of {', '.join(LATENTS)}")
-    if key not in PRIORS:
-        raise ValueError(f"unknown prior {key!r}; choose one of {', '.join(sorted(PRIORS))}")
+    check_key(PRIORS, "prior", key)
     if latent == "sphere":
         if key != "standard" or options:
             raise ValueError(

@@ -24,6 +24,7 @@ from .evaluate import elbo as elbo_per_point
 from .model import VAE
 from .objectives import OBJECTIVES, make_objective
 from .resume import LAST, Progress, load_training_state, save_training_state
+from .validation import check_positive_int
 
 __all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "fit", "write_metrics"]
 
@@ -90,8 +91,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("num_epochs", "batch_size", "num_particles", "log_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, value)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         clip = self.clip_norm

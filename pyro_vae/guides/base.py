@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pyro.distributions as dist
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Transform
 
 from ..networks import MLP, check_hidden_dims
+from ..validation import check_key, check_positive_int, registrar
 
 __all__ = [
     "GUIDES",
@@ -27,17 +28,8 @@ GUIDES: dict[str, type[AmortizedGuide]] = {}
 MIN_SCALE = 1e-4
 
 
-def register_guide(key: str) -> Callable[[type[AmortizedGuide]], type[AmortizedGuide]]:
-    """Class decorator adding a guide family to ``GUIDES`` under ``key``."""
-
-    def add(cls: type[AmortizedGuide]) -> type[AmortizedGuide]:
-        if key in GUIDES:
-            raise ValueError(f"guide {key!r} is already registered by {GUIDES[key].__name__}")
-        GUIDES[key] = cls
-        cls.key = key
-        return cls
-
-    return add
+#: ``@register_guide("key")``: class decorator adding a guide family to ``GUIDES``.
+register_guide = registrar(GUIDES, "guide")
 
 
 def make_guide(
@@ -54,8 +46,7 @@ def make_guide(
     ``trunk`` replaces the MLP encoder trunk h(x) of any family: a module ``(*, P) -> (*, C)``
     with C = ``context_dim`` (default ``trunk.out_dim``); the heads are then sized to C.
     """
-    if key not in GUIDES:
-        raise ValueError(f"unknown guide {key!r}; choose one of {', '.join(sorted(GUIDES))}")
+    check_key(GUIDES, "guide", key)
     if trunk is not None:
         context_dim = context_dim or getattr(trunk, "out_dim", None)
         if not isinstance(context_dim, int) or context_dim < 1:
@@ -90,9 +81,8 @@ class AmortizedGuide(nn.Module):
         self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (400,)
     ) -> None:
         super().__init__()
-        for name, value in (("data_dim", data_dim), ("latent_dim", latent_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int("data_dim", data_dim)
+        check_positive_int("latent_dim", latent_dim)
         dims = check_hidden_dims(hidden_dims)
         self.data_dim, self.latent_dim, self.context_dim = data_dim, latent_dim, dims[-1]
         self.trunk = MLP(data_dim, dims[:-1], dims[-1], final_activation=True)
@@ -141,9 +131,7 @@ class FlowGuide(AmortizedGuide):
         flow_hidden_dims: Sequence[int] | None = None,
     ) -> None:
         super().__init__(data_dim, latent_dim, hidden_dims)
-        if not isinstance(num_flows, int) or isinstance(num_flows, bool) or num_flows < 1:
-            raise ValueError(f"num_flows must be a positive integer, got {num_flows!r}")
-        self.num_flows = num_flows
+        self.num_flows = check_positive_int("num_flows", num_flows)
         default = (10 * latent_dim,)
         self.flow_hidden_dims = check_hidden_dims(
             default if flow_hidden_dims is None else flow_hidden_dims

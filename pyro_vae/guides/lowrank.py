@@ -8,6 +8,7 @@ import pyro.distributions as dist
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from ..validation import check_positive_int
 from .base import AmortizedGuide, register_guide
 
 __all__ = ["LowRankNormalGuide"]
@@ -43,8 +44,7 @@ class LowRankNormalGuide(AmortizedGuide):
         factor_scale: float = 0.1,
     ) -> None:
         super().__init__(data_dim, latent_dim, hidden_dims)
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        check_positive_int("rank", rank)
         if not isinstance(factor_scale, (int, float)) or not factor_scale > 0:
             raise ValueError(f"factor_scale must be > 0, got {factor_scale!r}")
         self.rank, self.factor_scale = rank, float(factor_scale)

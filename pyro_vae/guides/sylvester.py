@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
 from ..networks import MLP
+from ..validation import check_positive_int
 from .base import FlowGuide, register_guide
 
 __all__ = ["ConditionedHouseholderSylvester", "HouseholderSylvesterGuide"]
@@ -136,14 +137,7 @@ class HouseholderSylvesterGuide(FlowGuide):
         num_householder: int = 8,
     ) -> None:
         super().__init__(data_dim, latent_dim, hidden_dims, num_flows, flow_hidden_dims)
-        if (
-            not isinstance(num_householder, int)
-            or isinstance(num_householder, bool)
-            or num_householder < 1
-        ):
-            raise ValueError(
-                f"num_householder must be a positive integer, got {num_householder!r}"
-            )
+        check_positive_int("num_householder", num_householder)
         self.num_householder = num_householder
         self.flows.extend(
             _SylvesterParameters(
