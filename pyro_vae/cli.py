@@ -175,6 +175,11 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     )
     train.add_argument("--jit", action="store_true", help="compile the loss (JitTrace_ELBO)")
     train.add_argument(
+        "--validate",
+        action="store_true",
+        help="keep Pyro's distribution checks on while training (slower; off by default)",
+    )
+    train.add_argument(
         "--clip-norm",
         type=_positive_float,
         default=None,
@@ -472,6 +477,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             clip_norm=args.clip_norm,
             objective=_objective(args.objective),
             jit=args.jit,
+            validate=args.validate,
         )
     data = load_dataset(spec)
     if train_config.batch_size > data.train.shape[0]:

@@ -59,13 +59,20 @@ class ELBOLoss(nn.Module):
         if subsample is not None:
             kwargs["subsample"] = subsample
         if not isinstance(self.elbo, JitTrace_ELBO):
-            return self.elbo.differentiable_loss(self._model, self._guide, x, **kwargs)
+            # the optimizer holds this module's parameters: no param statements needed
+            with self.vae.without_param_statements():
+                return self.elbo.differentiable_loss(self._model, self._guide, x, **kwargs)
         if subsample is not None:
             raise ValueError("JitTrace_ELBO cannot take a subsample tensor; use Trace_ELBO")
         kwargs["batch_size"] = x.shape[0]  # one compiled graph per batch size
         # the compiled graph reads parameters from the param store: give it this VAE's own
         # store, so an earlier module registered under the same names is never trained instead
-        with pyro.get_param_store().scope(self._param_state) as state, warnings.catch_warnings():
+        # the plain graph interpreter: the optimizing executor's backward is slower on CPU
+        with (
+            pyro.get_param_store().scope(self._param_state) as state,
+            warnings.catch_warnings(),
+            torch.jit.optimized_execution(False),
+        ):
             warnings.filterwarnings("ignore", ".*torch.jit.trace.*", DeprecationWarning)
             self._param_state = state
             loss, surrogate = self.elbo.loss_and_surrogate_loss(

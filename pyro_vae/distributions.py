@@ -8,9 +8,9 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 from torch.distributions.multivariate_normal import _batch_mv
-from torch.distributions.utils import _standard_normal
+from torch.distributions.utils import _standard_normal, lazy_property
 
-__all__ = ["CholeskyMultivariateNormal"]
+__all__ = ["CholeskyMultivariateNormal", "TriangularFactorNormal"]
 
 _EMPTY = torch.Size()
 
@@ -46,6 +46,10 @@ class CholeskyMultivariateNormal(dist.MultivariateNormal):
         )
         return value.requires_grad or not wants_grad
 
+    def _half_log_det(self) -> Tensor:
+        """sum_i log L_ii, shape ``batch_shape``."""
+        return self._unbroadcasted_scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
     def log_prob(self, value: Tensor) -> Tensor:
         """log q(value), shape ``sample_shape + batch_shape``."""
         draw = getattr(self, "_last_draw", None)
@@ -54,6 +58,75 @@ class CholeskyMultivariateNormal(dist.MultivariateNormal):
         if self._validate_args:
             self._validate_sample(value)
         eps = draw[1]
-        half_log_det = self._unbroadcasted_scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        half_log_det = self._half_log_det()
         log_normal = -0.5 * (eps.square().sum(-1) + self._event_shape[0] * math.log(2 * math.pi))
         return log_normal - half_log_det
+
+
+class TriangularFactorNormal(CholeskyMultivariateNormal):
+    r"""N(loc, L L^T) with L built from a diagonal scale and a strictly lower-triangular S.
+
+    .. math:: L = \operatorname{diag}(s) (I + c S) \ \text{(``tril_scale`` c given)}, \qquad
+              L = \operatorname{diag}(s) + S \ \text{(``tril_scale=None``)}
+
+    Both have diag(L) = s. Its own draws never form L: z = loc + s * (eps + c S eps) (or
+    loc + s * eps + S eps) takes one batched matrix-vector product, and their log density
+    is -sum_i((eps_i^2 + log 2 pi) / 2 + log s_i). ``scale_tril``, the covariance, the
+    log density of other values and KL divergences form L on first use, as a
+    ``MultivariateNormal``. Batch shape ``(B,)``, event shape ``(D,)``.
+
+    Args:
+        loc: Mean ``(B, D)``.
+        scale: Diagonal of L, ``(B, D)``, positive.
+        strict: S ``(B, D, D)``, zero on and above the diagonal.
+        tril_scale: c, or None for the additive form.
+    """
+
+    def __init__(
+        self, loc: Tensor, scale: Tensor, strict: Tensor, tril_scale: float | None = None
+    ) -> None:
+        batch_shape = torch.broadcast_shapes(loc.shape[:-1], scale.shape[:-1], strict.shape[:-2])
+        event_shape = loc.shape[-1:]
+        self.loc = loc.expand(batch_shape + event_shape)
+        self.scale_diag, self.strict, self.tril_scale = scale, strict, tril_scale
+        # MultivariateNormal.__init__ needs L itself; this class forms it only when asked
+        dist.TorchDistribution.__init__(self, batch_shape, event_shape, validate_args=False)
+
+    @lazy_property
+    def _unbroadcasted_scale_tril(self) -> Tensor:
+        """L ``(B, D, D)``, formed on first use."""
+        if self.tril_scale is None:
+            return self.strict + torch.diag_embed(self.scale_diag)
+        eye = torch.eye(self._event_shape[0], dtype=self.strict.dtype, device=self.strict.device)
+        return self.scale_diag.unsqueeze(-1) * (eye + self.tril_scale * self.strict)
+
+    def expand(self, batch_shape: torch.Size, _instance: object = None) -> TriangularFactorNormal:
+        shape = torch.Size(batch_shape)
+        d = self._event_shape[0]
+        return TriangularFactorNormal(
+            self.loc.expand(shape + (d,)),
+            self.scale_diag.expand(shape + (d,)),
+            self.strict.expand(shape + (d, d)),
+            self.tril_scale,
+        )
+
+    def rsample(self, sample_shape: torch.Size = _EMPTY) -> Tensor:
+        """A draw of shape ``sample_shape + batch_shape + (D,)``; remembers its eps."""
+        shape = self._extended_shape(sample_shape)
+        eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
+        mixed = _batch_mv(self.strict, eps)  # S eps
+        if self.tril_scale is None:
+            z = self.loc + self.scale_diag * eps + mixed
+        else:
+            z = self.loc + self.scale_diag * (eps + self.tril_scale * mixed)
+        self._last_draw = (z, eps)
+        return z
+
+    def _on_sampling_path(self, value: Tensor) -> bool:
+        wants_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (self.loc, self.scale_diag, self.strict)
+        )
+        return value.requires_grad or not wants_grad
+
+    def _half_log_det(self) -> Tensor:
+        return self.scale_diag.log().sum(-1)

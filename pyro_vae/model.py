@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -190,6 +192,26 @@ class VAE(PyroModule):
         )
         self.register_buffer("prior_loc", torch.zeros(config.latent_dim))
         self.register_buffer("prior_scale", torch.ones(config.latent_dim))
+        self._param_statements = True
+
+    @contextmanager
+    def without_param_statements(self) -> Iterator[VAE]:
+        """Inside, ``model`` and ``guide`` call the networks without ``pyro.param`` statements.
+
+        For loops that optimize ``vae.parameters()`` with a torch optimizer (as ``fit`` does):
+        the traces then hold only sample sites, which spares registering every parameter in
+        the param store on every step. Pyro's ``SVI`` and ``JitTrace_ELBO`` find parameters
+        through those statements and must run outside.
+        """
+        before, self._param_statements = self._param_statements, False
+        try:
+            yield self
+        finally:
+            self._param_statements = before
+
+    def _network(self, name: str) -> nn.Module:
+        """The submodule ``name``, through a ``pyro.module`` statement unless switched off."""
+        return getattr(self, name) if self._param_statements else self._modules[name]
 
     def _plate(
         self,
@@ -214,7 +236,7 @@ class VAE(PyroModule):
 
     def prior(self) -> dist.Distribution:
         """p(z) from ``config.prior``: batch shape ``()``, event shape ``(D,)``."""
-        return self.latent_prior()
+        return self._network("latent_prior")()
 
     @pyro_method
     def model(
@@ -236,7 +258,7 @@ class VAE(PyroModule):
         """
         with self._plate(x, batch_size, num_data, subsample):
             z = pyro.sample(f"{self.prefix}.z", self.prior() if prior is None else prior)
-            likelihood = dist.Bernoulli(logits=self.decoder(z))
+            likelihood = dist.Bernoulli(logits=self._network("decoder")(z))
             if mask is not None:
                 likelihood = likelihood.mask(mask)
             return pyro.sample(f"{self.prefix}.x", likelihood.to_event(1), obs=x)
@@ -259,7 +281,7 @@ class VAE(PyroModule):
         if x is None:
             raise ValueError("the guide needs the observed images x")
         with self._plate(x, batch_size, num_data, subsample):
-            return pyro.sample(f"{self.prefix}.z", self.encoder(x))
+            return pyro.sample(f"{self.prefix}.z", self._network("encoder")(x))
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:

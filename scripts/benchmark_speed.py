@@ -27,7 +27,7 @@ from pyro_vae import GUIDES, VAE, VAEConfig
 from pyro_vae.cli import data_spec
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.distributed import Replica
-from pyro_vae.guides import MIN_SCALE
+from pyro_vae.guides import MIN_SCALE, make_guide
 from pyro_vae.networks import MLP
 from pyro_vae.train import TrainConfig, _make_optimizer, _train_epoch
 
@@ -97,13 +97,80 @@ class PlainVAE(nn.Module):
         return -(num_data / x.shape[0]) * (log_lik.sum(-1) + log_prior - log_q).sum()
 
 
-PLAIN_TWINS = ("diagonal", "full", "lowrank")
+class PlainFlowVAE(nn.Module):
+    """IAF or planar flow posterior written out in plain torch, around the same networks.
+
+    The trunk, the Gaussian heads, each map's network (MADE or parameter MLP) and the decoder
+    are taken from a pyro_vae guide and decoder (plain ``nn.Module``s), so the twin has the
+    same weights and the same cost per network pass; the maps, their log-determinants,
+    the order reversal between autoregressive maps and the objective are written here
+    without Pyro's transforms or ``TransformedDistribution``.
+
+    Args:
+        encoder: A pyro_vae ``IAFGuide`` or ``PlanarGuide`` (only its submodules are used).
+        decoder: The decoder network ``(*, D) -> (*, P)``.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
+        super().__init__()
+        self.kind = {"iaf": "iaf", "planar": "planar"}[encoder.key]
+        self.encoder, self.decoder = encoder, decoder
+        self.margin = getattr(encoder.flows[0], "margin", 1e-4)
+
+    def _iaf(self, k: int, z: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """One stable IAF map: z' = s z + (1 - s) m, log|det| = sum log s."""
+        if k > 0:
+            z = z.flip(-1)  # the order reversal between maps
+        mean, logit = self.encoder.flows[k].nn(z, context=h)
+        logit = logit + 2.0  # Kingma et al.'s forget-gate bias
+        scale = torch.sigmoid(logit)
+        return scale * z + (1 - scale) * mean, F.logsigmoid(logit).sum(-1)
+
+    def _planar(self, k: int, z: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """One planar map z' = z + u_hat tanh(w.z + b) with w.u_hat = softplus(w.u) - 1 + d."""
+        bias, u, w = self.encoder.flows[k].nn(h)
+        wu = (w * u).sum(-1, keepdim=True)
+        one_plus = F.softplus(wu) + self.margin  # 1 + w.u_hat
+        u_hat = u + (one_plus - 1 - wu) * w / w.square().sum(-1, keepdim=True)
+        act = torch.tanh((w * z).sum(-1, keepdim=True) + bias)
+        square = act.square()
+        log_det = torch.log(square + (1 - square) * one_plus).squeeze(-1)
+        return z + u_hat * act, log_det
+
+    def sample_and_log_q(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """z ``(B, D)`` from q(z|x) and log q(z|x) ``(B,)``."""
+        h = self.encoder.trunk(x)
+        loc = self.encoder.loc(h)
+        scale = F.softplus(self.encoder.raw_scale(h)) + MIN_SCALE
+        eps = torch.randn_like(loc)
+        z = loc + scale * eps
+        log_q = -0.5 * (eps.square() + LOG_2PI).sum(-1) - scale.log().sum(-1)
+        step = self._iaf if self.kind == "iaf" else self._planar
+        for k in range(len(self.encoder.flows)):
+            z, log_det = step(k, z, h)
+            log_q = log_q - log_det
+        return z, log_q
+
+    loss = PlainVAE.loss
+
+
+PLAIN_TWINS = ("diagonal", "full", "lowrank", "iaf", "planar")
+
+
+def plain_twin(
+    data_dim: int, latent_dim: int, hidden_dims: Sequence[int], guide: str
+) -> nn.Module:
+    """The plain PyTorch twin of pyro_vae's ``guide`` with fresh weights."""
+    if guide in ("iaf", "planar"):
+        encoder = make_guide(guide, data_dim, latent_dim, hidden_dims)
+        return PlainFlowVAE(encoder, MLP(latent_dim, tuple(reversed(hidden_dims)), data_dim))
+    return PlainVAE(data_dim, latent_dim, hidden_dims, guide)
 
 
 # ---------------------------------------------------------------- one epoch of each variant
 
 
-def plain_epoch(model: PlainVAE, data: Dataset, config: TrainConfig) -> Callable[[], None]:
+def plain_epoch(model: nn.Module, data: Dataset, config: TrainConfig) -> Callable[[], None]:
     optimizer = _make_optimizer(model.parameters(), config.lr, data.train.device)
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -133,9 +200,14 @@ def pyro_vae_epoch(vae: VAE, data: Dataset, config: TrainConfig) -> Callable[[],
     generator = torch.Generator().manual_seed(config.seed)
     bar = tqdm(disable=True)
     epoch = iter(range(1, 10**9))
-    return lambda: _train_epoch(
-        vae, data, loss_fn, optimizer, config, generator, next(epoch), bar, Replica()
-    )
+
+    def run() -> None:
+        with pyro.validation_enabled(config.validate):  # as fit() runs it
+            _train_epoch(
+                vae, data, loss_fn, optimizer, config, generator, next(epoch), bar, Replica()
+            )
+
+    return run
 
 
 def svi_epoch(vae: VAE, data: Dataset, config: TrainConfig) -> Callable[[], None]:
@@ -162,7 +234,7 @@ def build(
     if variant == "plain":
         if guide not in PLAIN_TWINS:
             return None
-        twin = PlainVAE(data.data_dim, args.latent_dim, args.hidden_dims, guide)
+        twin = plain_twin(data.data_dim, args.latent_dim, args.hidden_dims, guide)
         return plain_epoch(twin.to(device), data, config)
     with pyro.settings.context(module_local_params=variant == "local"):
         vae = VAE(VAEConfig(data.data_dim, args.latent_dim, args.hidden_dims, guide)).to(device)

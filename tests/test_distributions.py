@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.distributions import CholeskyMultivariateNormal
+from pyro_vae.distributions import CholeskyMultivariateNormal, TriangularFactorNormal
 from pyro_vae.guides import make_guide
 
 
@@ -108,3 +108,39 @@ def test_draw_without_a_graph_gets_the_score_function_gradient(float64: None) ->
     )
     for a, b in zip(cheap, exact, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("tril_scale", [0.3, None])
+@pytest.mark.parametrize("sample_shape", [(), (2,)])
+def test_factored_draw_matches_the_explicit_cholesky_path(
+    float64: None, tril_scale: float | None, sample_shape: tuple[int, ...]
+) -> None:
+    """z = loc + L eps and log q(z) with L never formed: values and gradients as with L."""
+    loc = torch.randn(3, 4, requires_grad=True)
+    scale = torch.rand(3, 4).add(0.5).requires_grad_()
+    strict = torch.randn(3, 4, 4).tril(-1).requires_grad_()
+    q = TriangularFactorNormal(loc, scale, strict, tril_scale)
+    torch.manual_seed(5)
+    z = q.rsample(sample_shape)
+    cheap = q.log_prob(z).sum() + z.square().sum()  # a function of z and of log q(z)
+    if tril_scale is None:
+        tril = strict + torch.diag_embed(scale)
+    else:
+        tril = scale.unsqueeze(-1) * (torch.eye(4) + tril_scale * strict)
+    torch.manual_seed(5)  # the same eps
+    eps = torch.randn(*sample_shape, 3, 4)
+    z_ref = loc + (tril @ eps.unsqueeze(-1)).squeeze(-1)
+    reference = dist.MultivariateNormal(loc, scale_tril=tril)
+    exact = reference.log_prob(z_ref).sum() + z_ref.square().sum()
+    assert torch.allclose(z, z_ref, rtol=0, atol=1e-12)
+    assert torch.allclose(q.scale_tril, tril, rtol=0, atol=0)
+    assert torch.allclose(cheap, exact, rtol=1e-12, atol=0)
+    grads = torch.autograd.grad(cheap, (loc, scale, strict))
+    expected = torch.autograd.grad(exact, (loc, scale, strict))
+    lower = torch.ones(4, 4).tril(-1)  # S's only free entries
+    for a, b, mask in zip(grads, expected, (1, 1, lower), strict=True):
+        assert torch.allclose(a * mask, b * mask, rtol=1e-10, atol=1e-12)
+    wide = q.expand((5, 3))  # particles: still factored, same distribution
+    assert isinstance(wide, TriangularFactorNormal) and wide.batch_shape == (5, 3)
+    other = torch.randn(5, 3, 4)
+    assert torch.allclose(wide.log_prob(other), reference.log_prob(other), atol=1e-12)

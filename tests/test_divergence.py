@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import pyro
 import pytest
 import torch
 from robust_helpers import cli_train, save_binary_npy, tiny_data, tiny_vae
@@ -61,10 +60,11 @@ def poison(vae: torch.nn.Module, where: str, bad_step: int, value: float) -> Non
 def test_injected_nan_stops_at_epoch_and_step(
     tmp_path: Path, where: str, value: float, validate: bool, expected: str, log_every: int
 ) -> None:
-    pyro.enable_validation(validate)
     vae = tiny_vae()
     poison(vae, where, bad_step=STEPS_PER_EPOCH + 2, value=value)  # epoch 2, step 2
-    config = TrainConfig(num_epochs=4, batch_size=16, seed=3, log_every=log_every)
+    config = TrainConfig(
+        num_epochs=4, batch_size=16, seed=3, log_every=log_every, validate=validate
+    )
     with pytest.raises(TrainingDiverged) as info:
         fit(vae, tiny_data(), config, tmp_path, progress=False)
     message = str(info.value)

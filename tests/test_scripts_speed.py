@@ -58,12 +58,32 @@ def test_plain_twin_computes_the_same_loss(float64: None, bench: ModuleType, gui
     assert torch.allclose(twin.loss(x, 40), expected, rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("guide", ["iaf", "planar"])
+def test_plain_flow_twin_computes_the_same_loss(
+    float64: None, bench: ModuleType, guide: str
+) -> None:
+    """Same networks, same noise: the hand-written maps give Pyro's transformed log q."""
+    vae = VAE(VAEConfig(7, 3, (6,), guide, {"num_flows": 3}))
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.normal_(0, 0.5)
+    twin = bench.PlainFlowVAE(vae.encoder, vae.decoder.net)
+    x = torch.bernoulli(torch.full((5, 7), 0.5))
+    torch.manual_seed(3)
+    expected = ELBOLoss(vae, Trace_ELBO(max_plate_nesting=1))(x, 40)
+    torch.manual_seed(3)
+    assert torch.allclose(twin.loss(x, 40), expected, rtol=1e-10, atol=0)
+    torch.manual_seed(4)  # other noise: another value, so the comparison is not vacuous
+    assert not torch.allclose(twin.loss(x, 40), expected, rtol=1e-6, atol=0)
+
+
 def test_benchmark_speed_smoke(bench: ModuleType, capsys: pytest.CaptureFixture) -> None:
     argv = ["--steps", "2", "--repeats", "1", "--latent-dim", "2", "--hidden-dims", "8"]
-    argv += ["--guides", "diagonal", "full", "--variants", "plain", "pyro", "svi"]
+    argv += ["--guides", "diagonal", "full", "iaf", "--variants", "plain", "pyro", "svi"]
     assert bench.main([*argv, "--devices", "cpu", "--threads", "1"]) == 0
     table = capsys.readouterr().out
     assert "| cpu | full | pyro |" in table and "| cpu | diagonal | plain |" in table
+    assert "| cpu | iaf | plain |" in table
 
 
 def test_benchmark_is_smoke(capsys: pytest.CaptureFixture) -> None:

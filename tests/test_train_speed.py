@@ -63,6 +63,45 @@ def test_jit_changes_no_result_beyond_float_tolerance(float64: None, key: str) -
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("key", ["diagonal", "full", "iaf", "vamp-prior"])
+def test_training_loss_without_param_statements_is_the_same_loss(float64: None, key: str) -> None:
+    """ELBOLoss skips pyro.param statements; value and gradients stay Trace_ELBO's own."""
+    prior = "vamp" if key == "vamp-prior" else "standard"
+    vae = VAE(VAEConfig(5, 2, (4,), "diagonal" if prior == "vamp" else key, prior=prior))
+    x = torch.bernoulli(torch.full((6, 5), 0.5))
+    params = list(vae.parameters())
+    torch.manual_seed(2)
+    with pyro.poutine.trace(param_only=True) as tracer:
+        loss = ELBOLoss(vae, Trace_ELBO(max_plate_nesting=1))(x, 30)
+    grads = torch.autograd.grad(loss, params)
+    assert not [n for n in tracer.trace.nodes.values() if n["type"] == "param"]
+    torch.manual_seed(2)  # the same draws through Pyro's usual route, params registered
+    with pyro.poutine.trace(param_only=True) as tracer:
+        expected = Trace_ELBO(max_plate_nesting=1).differentiable_loss(
+            vae.model, vae.guide, x, num_data=30
+        )
+    names = {n["name"] for n in tracer.trace.nodes.values() if n["type"] == "param"}
+    assert len(names) == len(params)  # every parameter goes through a statement there
+    assert torch.allclose(loss, expected, rtol=1e-12, atol=0)
+    for a, b in zip(grads, torch.autograd.grad(expected, params), strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert vae._param_statements  # switched back on
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_fit_runs_pyro_validation_as_configured_and_restores_it(validate: bool) -> None:
+    from pyro.infer.util import is_validation_enabled
+
+    vae = _tiny_vae("diagonal")
+    seen: list[bool] = []
+    vae.decoder.register_forward_hook(lambda *_: seen.append(is_validation_enabled()))
+    data = Dataset(torch.bernoulli(torch.full((8, 5), 0.5)), torch.ones(2, 5), None, (1, 5))
+    before = is_validation_enabled()
+    fit(vae, data, TrainConfig(num_epochs=1, batch_size=4, validate=validate), progress=False)
+    assert seen and set(seen) == {validate}
+    assert is_validation_enabled() == before
+
+
 def test_jit_trains_its_own_module_not_an_earlier_one_of_the_same_name() -> None:
     first = _tiny_vae("diagonal")
     x = torch.bernoulli(torch.full((6, 5), 0.5))

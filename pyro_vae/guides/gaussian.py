@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from ..distributions import CholeskyMultivariateNormal
+from ..distributions import TriangularFactorNormal
 from .base import AmortizedGuide, register_guide
 
 __all__ = ["DiagonalNormalGuide", "FullCovarianceGuide"]
@@ -72,27 +72,28 @@ class FullCovarianceGuide(AmortizedGuide):
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
         self.register_buffer("flat_index", rows * latent_dim + cols, persistent=False)
-        self.register_buffer("eye", torch.eye(latent_dim), persistent=False)
         # the L' head starts at zero, so q starts diagonal; D = 1 has no off-diagonal entries
         self.tril = nn.Linear(self.context_dim, len(rows)) if len(rows) else None
         if self.tril is not None:
             nn.init.zeros_(self.tril.weight)
             nn.init.zeros_(self.tril.bias)
 
-    def scale_tril(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean ``(B, D)`` and Cholesky factor L ``(B, D, D)``, diag(L) = sigma > 0."""
+    def factors(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean ``(B, D)``, sigma ``(B, D)`` and the strictly lower-triangular L' ``(B, D, D)``."""
         loc, scale, h = self.loc_scale(x)
         size = self.latent_dim * self.latent_dim
         strict = h.new_zeros(*h.shape[:-1], size)
         if self.tril is not None:  # index_copy: cheaper than a 2-d index_put
             strict = strict.index_copy(-1, self.flat_index, self.tril(h))
-        strict = strict.unflatten(-1, (self.latent_dim, self.latent_dim))
-        if self.parameterization == "plain":
-            return loc, strict + torch.diag_embed(scale)
-        eye = self.eye.to(h.dtype)
-        return loc, scale.unsqueeze(-1) * (eye + self.tril_scale * strict)
+        return loc, scale, strict.unflatten(-1, (self.latent_dim, self.latent_dim))
+
+    def scale_tril(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean ``(B, D)`` and Cholesky factor L ``(B, D, D)``, diag(L) = sigma > 0."""
+        q = self(x)
+        return q.loc, q.scale_tril
 
     def forward(self, x: Tensor) -> Distribution:
-        loc, scale_tril = self.scale_tril(x)
+        loc, scale, strict = self.factors(x)
         # lower triangular with a positive diagonal by construction: no validation needed
-        return CholeskyMultivariateNormal(loc, scale_tril=scale_tril, validate_args=False)
+        scaled = self.parameterization == "scaled"
+        return TriangularFactorNormal(loc, scale, strict, self.tril_scale if scaled else None)
