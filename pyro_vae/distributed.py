@@ -18,6 +18,7 @@ from torch.utils.data import DistributedSampler
 
 from .data import minibatches
 from .model import VAE
+from .objectives import scale_latent
 
 __all__ = [
     "DistributedReplica",
@@ -40,6 +41,11 @@ class ELBOLoss(nn.Module):
     all ``num_data`` images from the batch x ``(B, P)`` whose indices in the dataset are
     ``subsample`` ``(B,)`` (default: the first B).
 
+    ``beta`` (default 1) weights the latent site ``f"{vae.prefix}.z"`` in both model and guide
+    through :class:`~pyro_vae.objectives.scale_latent`: the loss is then
+    ``-(E_q log p(x|z) - beta * E_q[log q(z|x) - log p(z)])`` (KL warm-up). A compiled
+    ``JitTrace_ELBO`` takes beta = 1 only.
+
     Args:
         vae: The model and guide.
         elbo: A Pyro ELBO, e.g. ``Trace_ELBO(max_plate_nesting=1)``.
@@ -48,6 +54,7 @@ class ELBOLoss(nn.Module):
     def __init__(self, vae: VAE, elbo: ELBO) -> None:
         super().__init__()
         self.vae, self.elbo = vae, elbo
+        self.beta = 1.0
         # bound once: JitTrace_ELBO keys its compiled graph on id(model) and id(guide)
         self._model, self._guide = vae.model, vae.guide
         self._param_state: dict | None = None
@@ -59,7 +66,10 @@ class ELBOLoss(nn.Module):
         if subsample is not None:
             kwargs["subsample"] = subsample
         if not isinstance(self.elbo, JitTrace_ELBO):
-            return self.elbo.differentiable_loss(self._model, self._guide, x, **kwargs)
+            with scale_latent(f"{self.vae.prefix}.z", self.beta):
+                return self.elbo.differentiable_loss(self._model, self._guide, x, **kwargs)
+        if self.beta != 1.0:  # the compiled graph would keep the scale of its first call
+            raise ValueError(f"JitTrace_ELBO cannot weight the KL term (beta {self.beta!r})")
         if subsample is not None:
             raise ValueError("JitTrace_ELBO cannot take a subsample tensor; use Trace_ELBO")
         kwargs["batch_size"] = x.shape[0]  # one compiled graph per batch size
