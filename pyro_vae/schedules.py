@@ -54,6 +54,12 @@ def learning_rate(
     return lr
 
 
-def patience_exhausted(epoch: int, best_epoch: int, patience: int | None) -> bool:
-    """Whether ``patience`` epochs have passed since the best validation ELBO (None: never)."""
-    return patience is not None and epoch - best_epoch >= patience
+def patience_exhausted(
+    epoch: int, best_epoch: int, patience: int | None, warmup_epochs: int = 0
+) -> bool:
+    """Whether ``patience`` epochs have passed since the best validation ELBO (None: never).
+
+    Epochs of the KL warm-up do not count: during it the weighted objective and the
+    validation ELBO may move apart, so counting starts after epoch ``warmup_epochs``.
+    """
+    return patience is not None and epoch - max(best_epoch, warmup_epochs) >= patience

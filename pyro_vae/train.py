@@ -87,8 +87,8 @@ class TrainConfig:
             :func:`~pyro_vae.schedules.learning_rate`.
         lr_gamma: Per-epoch factor of the exponential schedule, in (0, 1].
         lr_min: Floor of the exponential and cosine schedules, in [0, lr].
-        patience: Stop when the validation ELBO has not improved for this many epochs;
-            None: train all ``num_epochs``.
+        patience: Stop when the validation ELBO has not improved for this many epochs
+            (counted after the KL warm-up); None: train all ``num_epochs``.
     """
 
     num_epochs: int = 300
@@ -233,7 +233,9 @@ def fit(
         dynamic_ncols=True,
     ) as bar:
         for epoch in range(state.epoch + 1, config.num_epochs + 1):
-            if patience_exhausted(state.epoch, state.best_epoch, config.patience):
+            if patience_exhausted(
+                state.epoch, state.best_epoch, config.patience, config.kl_warmup
+            ):
                 logger.info("early stop after epoch %d (best: %d)", state.epoch, state.best_epoch)
                 break
             recipes = _start_epoch(elbo_loss, optimizer, config, epoch)

@@ -183,6 +183,15 @@ def test_patience_stops_after_that_many_epochs_without_improvement(
     assert not patience_exhausted(7, 5, None) and patience_exhausted(8, 5, 3)
 
 
+def test_patience_counts_only_after_the_warmup(monkeypatch: pytest.MonkeyPatch) -> None:
+    _scripted_valid(monkeypatch, [-1.0] + [-2.0] * 7)  # best at epoch 1, never again
+    config = tiny_config(8, patience=2, kl_warmup=4)
+    assert [row["epoch"] for row in fit(tiny_vae(), tiny_data(), config, progress=False)] == [
+        1, 2, 3, 4, 5, 6
+    ]  # fmt: skip
+    assert not patience_exhausted(5, 1, 2, 4) and patience_exhausted(6, 1, 2, 4)
+
+
 # ---------------------------------------------------------------- configuration
 
 
