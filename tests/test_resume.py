@@ -227,3 +227,18 @@ def test_resume_with_warmup_and_lr_schedule_is_bit_identical(
     assert without_seconds(history) == without_seconds(full_history)
     state = read_payload(tmp_path / LAST)
     assert state["optimizer"]["param_groups"][0]["lr"] == full_history[-1]["lr"]
+
+
+def test_cli_resumes_a_run_recorded_before_the_recipe_fields(tmp_path: Path) -> None:
+    data = save_binary_npy(tmp_path / "d.npy")
+    run = tmp_path / "run"
+    assert main(cli_train(data, run, 1)) == 0
+    config = json.loads((run / "config.json").read_text())
+    for key in ("kl_warmup", "lr_schedule", "lr_gamma", "lr_min", "patience"):
+        del config["train"][key]  # as written by an older version
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    train = json.loads((run / "config.json").read_text())["train"]
+    assert (train["kl_warmup"], train["lr_schedule"], train["patience"]) == (0, "constant", None)
+    assert [row["epoch"] for row in metrics_rows(run / METRICS)] == ["1", "2"]
+    assert set(metrics_rows(run / METRICS)[0]) == {"epoch", "train_elbo", "valid_elbo", "seconds"}
