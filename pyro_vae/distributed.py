@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import pyro
 import torch
@@ -54,7 +55,7 @@ class ELBOLoss(nn.Module):
     def __init__(self, vae: VAE, elbo: ELBO) -> None:
         super().__init__()
         self.vae, self.elbo = vae, elbo
-        self.beta = 1.0
+        self.beta, self._site = 1.0, f"{vae.prefix}.z"
         # bound once: JitTrace_ELBO keys its compiled graph on id(model) and id(guide)
         self._model, self._guide = vae.model, vae.guide
         self._param_state: dict | None = None
@@ -66,7 +67,8 @@ class ELBOLoss(nn.Module):
         if subsample is not None:
             kwargs["subsample"] = subsample
         if not isinstance(self.elbo, JitTrace_ELBO):
-            with scale_latent(f"{self.vae.prefix}.z", self.beta):
+            weight = nullcontext() if self.beta == 1.0 else scale_latent(self._site, self.beta)
+            with weight:
                 return self.elbo.differentiable_loss(self._model, self._guide, x, **kwargs)
         if self.beta != 1.0:  # the compiled graph would keep the scale of its first call
             raise ValueError(f"JitTrace_ELBO cannot weight the KL term (beta {self.beta!r})")
