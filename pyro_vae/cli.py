@@ -23,8 +23,10 @@ from .guides import GUIDES, FlowGuide
 from .model import ARCHS, VAE, VAEConfig
 from .objectives import OBJECTIVES
 from .pictures import save_image_grid
+from .presets import PRESETS
 from .priors import LATENTS, PRIORS
 from .resume import LAST
+from .schedules import LR_SCHEDULES
 from .train import (
     CHECKPOINT,
     METRICS,
@@ -61,6 +63,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
 
 
@@ -186,6 +198,7 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         help="clip the gradient's total norm to this value (default: no clipping)",
     )
     _add_objective_args(train)
+    _add_recipe_args(train)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     train.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME)")
@@ -221,6 +234,52 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     if train_defaults:
         train.set_defaults(**train_defaults)
     return parser
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="defaults of a named recipe (see README); flags given here override them, "
+        "--data is still needed",
+    )
+    parser.add_argument(
+        "--kl-warmup",
+        type=_count,
+        default=0,
+        metavar="EPOCHS",
+        help="weight the KL term by beta rising linearly from 0 to 1 over EPOCHS (default 0: off)",
+    )
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
+    parser.add_argument(
+        "--lr-gamma",
+        type=_positive_float,
+        default=0.99,
+        help="per-epoch factor of --lr-schedule exponential, in (0, 1] (default 0.99)",
+    )
+    parser.add_argument(
+        "--lr-min",
+        type=float,
+        default=0.0,
+        help="floor of the exponential and cosine schedules (default 0)",
+    )
+    parser.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N epochs without a better validation ELBO (default: off)",
+    )
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; with ``train --preset NAME``, the preset's values become the defaults."""
+    args = build_parser().parse_args(argv)
+    if args.command == "train" and args.preset is not None:
+        preset = {"data": None, **PRESETS[args.preset].settings}
+        args = build_parser(train_defaults=preset).parse_args(argv)
+    return args
 
 
 class _Unset(list):
@@ -467,6 +526,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resuming:
         spec, config, train_config = _resume_settings(args)
     else:
+        if args.data is None:
+            raise UsageError(
+                f"--preset {args.preset} needs the data: add --data binarized-mnist PATH"
+            )
         spec, config = data_spec(args.data, args.binarize), None
         train_config = TrainConfig(
             num_epochs=args.epochs,
@@ -478,6 +541,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             objective=_objective(args.objective),
             jit=args.jit,
             validate=args.validate,
+            kl_warmup=args.kl_warmup,
+            lr_schedule=args.lr_schedule,
+            lr_gamma=args.lr_gamma,
+            lr_min=args.lr_min,
+            patience=args.patience,
         )
     data = load_dataset(spec)
     if train_config.batch_size > data.train.shape[0]:
@@ -544,9 +612,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     vae, payload = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
     pictures = _save_pictures(vae, data.valid.to(device), run_dir)
+    early = len(history) < train_config.num_epochs  # only early stopping ends a run sooner
+    note = f" (stopped early: patience {train_config.patience})" if early else ""
     print(
         f"best valid ELBO {payload['valid_elbo']:.3f} nats at epoch {payload['epoch']} of "
-        f"{len(history)}"
+        f"{len(history)}{note}"
     )
     for path in (run_dir / CONFIG, run_dir / CHECKPOINT, run_dir / LAST, run_dir / METRICS):
         print(f"  wrote {path}")
@@ -741,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(argv: Sequence[str] | None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
-        args = build_parser().parse_args(argv)
+        args = _parse(argv)
         args.argv = argv
         return COMMANDS[args.command](args)
     except (UsageError, DataError, CheckpointError, ValueError, OSError) as error:

@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import pyro
 import torch
@@ -18,6 +19,7 @@ from torch.utils.data import DistributedSampler
 
 from .data import minibatches
 from .model import VAE
+from .objectives import scale_latent
 
 __all__ = [
     "DistributedReplica",
@@ -40,6 +42,11 @@ class ELBOLoss(nn.Module):
     all ``num_data`` images from the batch x ``(B, P)`` whose indices in the dataset are
     ``subsample`` ``(B,)`` (default: the first B).
 
+    ``beta`` (default 1) weights the latent site ``f"{vae.prefix}.z"`` in both model and guide
+    through :class:`~pyro_vae.objectives.scale_latent`: the loss is then
+    ``-(E_q log p(x|z) - beta * E_q[log q(z|x) - log p(z)])`` (KL warm-up). A compiled
+    ``JitTrace_ELBO`` takes beta = 1 only.
+
     Args:
         vae: The model and guide.
         elbo: A Pyro ELBO, e.g. ``Trace_ELBO(max_plate_nesting=1)``.
@@ -48,6 +55,7 @@ class ELBOLoss(nn.Module):
     def __init__(self, vae: VAE, elbo: ELBO) -> None:
         super().__init__()
         self.vae, self.elbo = vae, elbo
+        self.beta, self._site = 1.0, f"{vae.prefix}.z"
         # bound once: JitTrace_ELBO keys its compiled graph on id(model) and id(guide)
         self._model, self._guide = vae.model, vae.guide
         self._param_state: dict | None = None
@@ -59,9 +67,12 @@ class ELBOLoss(nn.Module):
         if subsample is not None:
             kwargs["subsample"] = subsample
         if not isinstance(self.elbo, JitTrace_ELBO):
+            weight = nullcontext() if self.beta == 1.0 else scale_latent(self._site, self.beta)
             # the optimizer holds this module's parameters: no param statements needed
-            with self.vae.without_param_statements():
+            with weight, self.vae.without_param_statements():
                 return self.elbo.differentiable_loss(self._model, self._guide, x, **kwargs)
+        if self.beta != 1.0:  # the compiled graph would keep the scale of its first call
+            raise ValueError(f"JitTrace_ELBO cannot weight the KL term (beta {self.beta!r})")
         if subsample is not None:
             raise ValueError("JitTrace_ELBO cannot take a subsample tensor; use Trace_ELBO")
         kwargs["batch_size"] = x.shape[0]  # one compiled graph per batch size

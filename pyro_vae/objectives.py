@@ -26,6 +26,7 @@ __all__ = [
     "encoder_gradient_moments",
     "kl_mvn_diagonal_normal",
     "make_objective",
+    "scale_latent",
     "score_function",
 ]
 
@@ -169,6 +170,34 @@ class score_function(Messenger):  # noqa: N801 (a Pyro handler)
     def _pyro_sample(self, msg: dict[str, Any]) -> None:
         if not msg["is_observed"] and msg["fn"].has_rsample:
             msg["fn"] = _NoRsample(msg["fn"])
+
+
+class scale_latent(Messenger):  # noqa: N801 (a Pyro handler)
+    r"""Handler that multiplies the log densities of one sample site by ``beta`` >= 0.
+
+    Active around both the model and the guide of an ELBO, it weights the latent site's
+    ``log p(z) - log q(z|x)`` and leaves the likelihood at scale 1:
+
+    .. math:: \mathcal{L}_\beta = \mathbb{E}_q[\log p(x|z)]
+              - \beta\, \mathbb{E}_q[\log q(z|x) - \log p(z)]
+
+    (KL warm-up; Bowman et al. 2016, Sonderby et al. 2016). Unlike ``poutine.scale`` it
+    accepts ``beta = 0``. The factor multiplies any subsampling scale already on the site.
+
+    Args:
+        name: The latent site, e.g. ``f"{vae.prefix}.z"``.
+        beta: The weight, a finite number >= 0; 1 leaves the site unchanged.
+    """
+
+    def __init__(self, name: str, beta: float) -> None:
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        super().__init__()
+        self.name, self.beta = name, float(beta)
+
+    def _process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "sample" and msg["name"] == self.name and self.beta != 1.0:
+            msg["scale"] = self.beta * msg["scale"]
 
 
 @dataclass(frozen=True)

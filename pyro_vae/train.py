@@ -25,6 +25,7 @@ from .evaluate import elbo as elbo_per_point
 from .model import VAE
 from .objectives import OBJECTIVES, make_objective
 from .resume import LAST, Progress, load_training_state, save_training_state
+from .schedules import LR_SCHEDULES, kl_weight, learning_rate, patience_exhausted
 from .validation import check_positive_int
 
 __all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "fit", "write_metrics"]
@@ -80,6 +81,18 @@ class TrainConfig:
         validate: Keep Pyro's distribution and handler checks on while training. Off by
             default: they cost 15-30% of a step, the data are checked when loaded and a
             NaN/inf loss or gradient is caught by the divergence checks all the same.
+        kl_warmup: Epochs of KL warm-up: the latent site's ``log p(z) - log q(z|x)`` is
+            weighted by beta rising linearly from 0 (epoch 1) to 1 (epoch ``kl_warmup + 1``),
+            see :func:`~pyro_vae.schedules.kl_weight`; 0: off. Objectives ``elbo`` and
+            ``meanfield`` without jit only. ``train_elbo`` then logs the weighted objective;
+            ``valid_elbo`` (and the best checkpoint) always use beta = 1.
+        lr_schedule: ``constant``, ``exponential`` (times ``lr_gamma`` per epoch, down to
+            ``lr_min``) or ``cosine`` (from ``lr`` to ``lr_min`` over ``num_epochs``); see
+            :func:`~pyro_vae.schedules.learning_rate`.
+        lr_gamma: Per-epoch factor of the exponential schedule, in (0, 1].
+        lr_min: Floor of the exponential and cosine schedules, in [0, lr].
+        patience: Stop when the validation ELBO has not improved for this many epochs
+            (counted after the KL warm-up); None: train all ``num_epochs``.
     """
 
     num_epochs: int = 300
@@ -92,6 +105,11 @@ class TrainConfig:
     objective: str = "elbo"
     jit: bool = False
     validate: bool = False
+    kl_warmup: int = 0
+    lr_schedule: str = "constant"
+    lr_gamma: float = 0.99
+    lr_min: float = 0.0
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "batch_size", "num_particles", "log_every"):
@@ -113,6 +131,34 @@ class TrainConfig:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.jit and self.objective != "elbo":
             raise ValueError(f"jit=True needs objective 'elbo', got {self.objective!r}")
+        self._check_recipes()
+
+    def _check_recipes(self) -> None:
+        """Validate the KL warm-up, learning-rate schedule and early-stopping fields."""
+        warmup = self.kl_warmup
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"kl_warmup must be an integer >= 0 (epochs), got {warmup!r}")
+        if warmup and (self.jit or self.objective == "iwae"):
+            raise ValueError(
+                "kl_warmup needs objective 'elbo' or 'meanfield' without jit (the compiled "
+                f"loss keeps one KL weight), got objective {self.objective!r}, jit {self.jit}"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"unknown lr_schedule {self.lr_schedule!r}; "
+                f"choose one of {', '.join(LR_SCHEDULES)}"
+            )
+        gamma, floor = self.lr_gamma, self.lr_min
+        if not (_is_number(gamma) and 0 < gamma <= 1):
+            raise ValueError(f"lr_gamma must be a number in (0, 1], got {gamma!r}")
+        if not (_is_number(floor) and 0 <= floor <= self.lr):
+            raise ValueError(f"lr_min must be a number in [0, lr={self.lr!r}], got {floor!r}")
+        if self.patience is not None:
+            check_positive_int("patience", self.patience)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _make_loss(config: TrainConfig) -> ELBO:
@@ -161,6 +207,10 @@ def fit(
     ``run_dir/last.pt`` up to ``config.num_epochs``; on the CPU the result is bit-identical
     to an uninterrupted run. Returns one dict per epoch (all epochs when resumed).
 
+    Per epoch, ``config.kl_warmup`` sets the KL weight and ``config.lr_schedule`` the
+    learning rate (logged as ``kl_weight`` and ``lr`` when in use); with ``config.patience``,
+    training stops once the validation ELBO has not improved for that many epochs.
+
     Raises:
         TrainingDiverged: a loss or gradient became NaN/inf; the files hold the last good state.
         TrainingInterrupted: Ctrl-C; ``last.pt`` holds the last completed epoch.
@@ -175,7 +225,8 @@ def fit(
         run_dir.mkdir(parents=True, exist_ok=True)
     device = vae.prior_loc.device
     data = data.to(device)  # once: every minibatch is then indexed on the device
-    loss_fn = replica.wrap(ELBOLoss(vae, _make_loss(config)))
+    elbo_loss = ELBOLoss(vae, _make_loss(config))
+    loss_fn = replica.wrap(elbo_loss)
     optimizer = _make_optimizer(loss_fn.parameters(), config.lr, device)
     generator = torch.Generator().manual_seed(config.seed)
     state = _restore(run_dir, vae, optimizer, generator, config) if resume else Progress()
@@ -191,14 +242,40 @@ def fit(
         ) as bar,
     ):
         for epoch in range(state.epoch + 1, config.num_epochs + 1):
+            if patience_exhausted(
+                state.epoch, state.best_epoch, config.patience, config.kl_warmup
+            ):
+                logger.info("early stop after epoch %d (best: %d)", state.epoch, state.best_epoch)
+                break
+            recipes = _start_epoch(elbo_loss, optimizer, config, epoch)
             try:
                 row = _run_epoch(
                     vae, data, loss_fn, optimizer, config, generator, epoch, bar, replica
                 )
+                row.update(recipes)
                 state = _end_epoch(run_dir, vae, optimizer, generator, config, state, row)
             except KeyboardInterrupt:
                 raise TrainingInterrupted(epoch, state.epoch, run_dir) from None
     return state.history
+
+
+def _start_epoch(
+    loss: ELBOLoss, optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int
+) -> dict[str, float]:
+    """Set the KL weight and learning rate of ``epoch``; returns the metrics of those in use.
+
+    Both are closed forms of the epoch, so a resumed run continues them exactly.
+    """
+    loss.beta = kl_weight(epoch, config.kl_warmup)
+    lr = learning_rate(
+        epoch, config.lr, config.lr_schedule, config.num_epochs, config.lr_gamma, config.lr_min
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    columns = {"kl_weight": loss.beta} if config.kl_warmup else {}
+    if config.lr_schedule != "constant":
+        columns["lr"] = lr
+    return columns
 
 
 def _check_fit_args(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -124,6 +125,15 @@ def _bad_inputs(tmp_path: Path, tiny_npy: Path) -> list[tuple[list[str], str]]:
         (["evaluate", str(run), "--data", str(other)], "pixels"),
         (["evaluate", str(run), "--num-samples", "0"], "positive integer"),
         (["sample", str(run), "--out", str(tmp_path / "s.jpg")], "PNG"),
+        (["train", "--preset", "mnist-mlp"], "--data binarized-mnist PATH"),
+        (["train", *data, "--preset", "nope"], "nope"),
+        (["train", *data, "--kl-warmup", "-1"], "-1"),
+        (["train", *data, "--kl-warmup", "2", "--objective", "iwae"], "kl_warmup needs"),
+        (["train", *data, "--lr-schedule", "step"], "step"),
+        (["train", *data, "--lr-gamma", "1.5"], "lr_gamma"),
+        (["train", *data, "--lr-min", "-0.1"], "lr_min"),
+        (["train", *data, "--patience", "0"], "positive integer"),
+        (["train", "--resume", str(run), "--preset", "mnist-mlp"], "--preset cannot change"),
     ] + ([] if torch.cuda.is_available() else [(["train", *data, "--device", "cuda"], "GPU")])
 
 
@@ -145,3 +155,20 @@ def test_failed_validation_creates_no_run_folder(tiny_npy: Path, tmp_path: Path)
     out = tmp_path / "never"
     assert _train(tiny_npy, out, "--guide-option", "tril_scale=-1") == 2
     assert not out.exists()
+
+
+def test_recipe_flags_reach_the_config_and_metrics(
+    tiny_npy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    recipes = ["--kl-warmup", "1", "--lr-schedule", "cosine", "--lr-min", "1e-4"]
+    assert _train(tiny_npy, run, *recipes, "--patience", "5") == 0
+    train = json.loads((run / "config.json").read_text())["train"]
+    assert train["kl_warmup"] == 1 and train["lr_schedule"] == "cosine"
+    assert train["lr_min"] == 1e-4 and train["patience"] == 5
+    with open(run / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["kl_weight"]) for row in rows] == [0.0, 1.0]
+    # cosine over 2 epochs from 1e-3 to 1e-4: epoch 2 is halfway
+    assert [float(row["lr"]) for row in rows] == pytest.approx([1e-3, 5.5e-4])
+    assert "stopped early" not in capsys.readouterr().out

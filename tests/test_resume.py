@@ -202,3 +202,43 @@ def test_cli_resume_may_change_lr_and_epochs(tmp_path: Path) -> None:
     state = read_payload(run / LAST)
     assert state["epoch"] == 2 and state["optimizer"]["param_groups"][0]["lr"] == 0.0005
     assert [row["epoch"] for row in metrics_rows(run / METRICS)] == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    "recipes",
+    [
+        {"kl_warmup": 3, "lr_schedule": "exponential", "lr_gamma": 0.6, "lr_min": 2e-4},
+        {"kl_warmup": 2, "lr_schedule": "cosine", "lr_min": 1e-4},
+    ],
+)
+def test_resume_with_warmup_and_lr_schedule_is_bit_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recipes: dict
+) -> None:
+    full, full_history = train_tiny(None, 4, **recipes)
+    assert len({row["lr"] for row in full_history}) == 4  # the schedule moves every epoch
+    interrupt_at(monkeypatch, 3 * 2 + 2)  # epoch 3, step 2: last.pt holds epoch 2
+    with pytest.raises(TrainingInterrupted):
+        train_tiny(tmp_path, 4, **recipes)
+    monkeypatch.undo()
+    scramble_global_rngs()
+    resumed = tiny_vae(seed=1)
+    history = fit(resumed, tiny_data(), tiny_config(4, **recipes), tmp_path, False, resume=True)
+    assert_same_parameters(full, resumed)
+    assert without_seconds(history) == without_seconds(full_history)
+    state = read_payload(tmp_path / LAST)
+    assert state["optimizer"]["param_groups"][0]["lr"] == full_history[-1]["lr"]
+
+
+def test_cli_resumes_a_run_recorded_before_the_recipe_fields(tmp_path: Path) -> None:
+    data = save_binary_npy(tmp_path / "d.npy")
+    run = tmp_path / "run"
+    assert main(cli_train(data, run, 1)) == 0
+    config = json.loads((run / "config.json").read_text())
+    for key in ("kl_warmup", "lr_schedule", "lr_gamma", "lr_min", "patience"):
+        del config["train"][key]  # as written by an older version
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    train = json.loads((run / "config.json").read_text())["train"]
+    assert (train["kl_warmup"], train["lr_schedule"], train["patience"]) == (0, "constant", None)
+    assert [row["epoch"] for row in metrics_rows(run / METRICS)] == ["1", "2"]
+    assert set(metrics_rows(run / METRICS)[0]) == {"epoch", "train_elbo", "valid_elbo", "seconds"}

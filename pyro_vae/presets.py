@@ -1,0 +1,100 @@
+"""Named training recipes (``pyro-vae train --preset NAME``) for 28x28 binarized MNIST."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PRESETS", "Preset"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Defaults of ``pyro-vae train`` options; options given on the command line win.
+
+    Args:
+        description: One line: what the recipe follows.
+        settings: Option destinations (``latent_dim``, ``kl_warmup``, ...) and their values,
+            as the parser would store them.
+    """
+
+    description: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def flags(self) -> list[str]:
+        """The same settings as command-line words, e.g. ``["--latent-dim", "50", ...]``."""
+        words: list[str] = []
+        for key, value in self.settings.items():
+            flag = "--" + key.replace("_", "-")
+            if key.endswith("_option"):
+                for name, option in value:
+                    words += [flag, f"{name}={json.dumps(option)}"]
+            elif isinstance(value, tuple):
+                words += [flag, ",".join(str(v) for v in value)]
+            else:
+                words += [flag, str(value)]
+        return words
+
+
+_LONG_RUN = {"batch_size": 100, "kl_warmup": 100, "patience": 50}
+
+#: Every preset, by name. No preset sets ``--data``: the user names the data file.
+PRESETS: dict[str, Preset] = {
+    "mnist-mlp": Preset(
+        "MLP VAE, 50 latents, KL warm-up and exponential lr decay",
+        {
+            "latent_dim": 50,
+            "hidden_dims": (400, 400),
+            "epochs": 1000,
+            "lr": 1e-3,
+            "lr_schedule": "exponential",
+            "lr_gamma": 0.995,
+            "lr_min": 1e-5,
+            **_LONG_RUN,
+        },
+    ),
+    "mnist-iwae": Preset(
+        "IWAE bound with K = 50 and a 200-200 MLP, after Burda et al. (2016)",
+        {
+            "objective": "iwae",
+            "num_particles": 50,
+            "latent_dim": 50,
+            "hidden_dims": (200, 200),
+            "batch_size": 20,
+            "epochs": 3280,
+            "lr": 1e-3,
+            "lr_schedule": "exponential",
+            "lr_gamma": 0.9993,
+            "lr_min": 1e-4,
+        },
+    ),
+    "mnist-vamp": Preset(
+        "VampPrior with 500 pseudo-inputs, after Tomczak & Welling (2018)",
+        {
+            "guide": "diagonal",
+            "prior": "vamp",
+            "prior_option": [("num_components", 500)],
+            "latent_dim": 40,
+            "hidden_dims": (300, 300),
+            "epochs": 2000,
+            "lr": 5e-4,
+            **_LONG_RUN,
+        },
+    ),
+    "mnist-conv-flow": Preset(
+        "convolutional networks and an 8-map IAF posterior, cosine lr decay",
+        {
+            "arch": "conv",
+            "guide": "iaf",
+            "num_flows": 8,
+            "latent_dim": 32,
+            "hidden_dims": (400,),
+            "epochs": 1000,
+            "lr": 1e-3,
+            "lr_schedule": "cosine",
+            "lr_min": 1e-5,
+            **_LONG_RUN,
+        },
+    ),
+}

@@ -1,0 +1,226 @@
+"""Training recipes: KL warm-up against a hand-computed loss, lr schedules, early stopping."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import JitTrace_ELBO, Trace_ELBO
+from robust_helpers import tiny_config, tiny_data, tiny_vae
+
+import pyro_vae.train as train_module
+from pyro_vae import VAE, TrainConfig, VAEConfig, fit
+from pyro_vae.distributed import ELBOLoss
+from pyro_vae.objectives import make_objective, scale_latent
+from pyro_vae.schedules import kl_weight, learning_rate, patience_exhausted
+
+# ---------------------------------------------------------------- KL warm-up
+
+
+def _loss_and_grads(loss: torch.nn.Module, x: torch.Tensor, num_data: int, seed: int) -> tuple:
+    pyro.set_rng_seed(seed)
+    value = loss(x, num_data)
+    params = list(loss.vae.parameters())
+    return value.detach(), torch.autograd.grad(value, params, allow_unused=True)
+
+
+def _by_hand(vae: VAE, x: torch.Tensor, num_data: int, beta: float, seed: int, analytic: bool):
+    """-(N/B) sum_b [log p(x|z) - beta (log q(z|x) - log p(z))] from the same noise."""
+    pyro.set_rng_seed(seed)
+    post = vae.encoder(x)
+    z = post.rsample()  # the draw the Pyro guide makes first with this seed
+    log_lik = torch.distributions.Bernoulli(logits=vae.decoder(z)).log_prob(x).sum(-1)
+    prior = torch.distributions.Independent(
+        torch.distributions.Normal(vae.prior_loc, vae.prior_scale), 1
+    )
+    if analytic:
+        kl = torch.distributions.kl_divergence(post, prior.expand(post.batch_shape))
+    else:
+        kl = post.log_prob(z) - prior.log_prob(z)
+    value = -(num_data / x.shape[0]) * (log_lik - beta * kl).sum()
+    params = list(vae.parameters())
+    return value.detach(), torch.autograd.grad(value, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "meanfield"])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_weighted_loss_matches_hand_computation(
+    float64: None, beta: float, objective: str
+) -> None:
+    vae = VAE(VAEConfig(6, 2, (5,), "diagonal"))
+    x = torch.bernoulli(torch.full((5, 6), 0.4))
+    loss = ELBOLoss(vae, make_objective(objective))
+    loss.beta = beta
+    value, grads = _loss_and_grads(loss, x, num_data=20, seed=7)
+    expected, expected_grads = _by_hand(vae, x, 20, beta, seed=7, analytic=objective != "elbo")
+    assert value == pytest.approx(float(expected), rel=1e-10, abs=1e-10)
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+    if beta != 1.0:  # the weight changes the loss: the comparison above can tell them apart
+        unweighted, _ = _by_hand(vae, x, 20, 1.0, seed=7, analytic=objective != "elbo")
+        assert abs(float(unweighted - expected)) > 1e-3
+
+
+def test_scale_latent_leaves_other_sites_and_refuses_bad_weights() -> None:
+    vae = VAE(VAEConfig(6, 2, (5,), "diagonal"))
+    x = torch.bernoulli(torch.full((3, 6), 0.5))
+    with scale_latent("vae.z", 0.25):
+        trace = poutine.trace(vae.model).get_trace(x, num_data=12)
+    assert trace.nodes["vae.z"]["scale"] == pytest.approx(0.25 * 4)
+    assert trace.nodes["vae.x"]["scale"] == pytest.approx(4.0)
+    for bad in (-0.1, float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="beta"):
+            scale_latent("vae.z", bad)  # type: ignore[arg-type]
+
+
+def test_jit_loss_refuses_a_kl_weight() -> None:
+    vae = VAE(VAEConfig(6, 2, (5,), "diagonal"))
+    loss = ELBOLoss(vae, JitTrace_ELBO(max_plate_nesting=1, ignore_jit_warnings=True))
+    loss.beta = 0.5
+    with pytest.raises(ValueError, match="JitTrace_ELBO cannot weight"):
+        loss(torch.bernoulli(torch.full((3, 6), 0.5)))
+    with pytest.raises(ValueError, match="kl_warmup needs"):
+        TrainConfig(kl_warmup=3, jit=True)
+
+
+def test_kl_weight_is_linear_over_the_warmup() -> None:
+    weights = [kl_weight(epoch, 4) for epoch in range(1, 9)]
+    assert weights == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+    steps = [b - a for a, b in zip(weights[:5], weights[1:5], strict=False)]
+    assert all(step == pytest.approx(0.25) for step in steps)
+    assert [kl_weight(epoch, 0) for epoch in (1, 2, 50)] == [1.0, 1.0, 1.0]
+    assert [kl_weight(epoch, 1) for epoch in (1, 2, 3)] == [0.0, 1.0, 1.0]
+
+
+# ---------------------------------------------------------------- learning rate
+
+
+def _torch_schedule(scheduler_cls: type, num_epochs: int, **kwargs: float) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(()))
+    optimizer = torch.optim.SGD([param], lr=1e-2)
+    scheduler = scheduler_cls(optimizer, **kwargs)
+    lrs = []
+    for _ in range(num_epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_lr_schedules_match_torch_schedulers_stepped_per_epoch() -> None:
+    e = 9
+    cosine = _torch_schedule(torch.optim.lr_scheduler.CosineAnnealingLR, e, T_max=e, eta_min=1e-4)
+    ours = [learning_rate(k, 1e-2, "cosine", e, lr_min=1e-4) for k in range(1, e + 1)]
+    assert ours == pytest.approx(cosine, rel=1e-9)
+    exponential = _torch_schedule(torch.optim.lr_scheduler.ExponentialLR, e, gamma=0.7)
+    ours = [learning_rate(k, 1e-2, "exponential", e, gamma=0.7) for k in range(1, e + 1)]
+    assert ours == pytest.approx(exponential, rel=1e-9)
+    floored = [learning_rate(k, 1e-2, "exponential", e, 0.5, 1e-3) for k in range(1, 6)]
+    assert floored == pytest.approx([1e-2, 5e-3, 2.5e-3, 1.25e-3, 1e-3])
+    assert {learning_rate(k, 3e-4, "constant", e, 0.5, 1e-5) for k in range(1, e + 1)} == {3e-4}
+
+
+def test_fit_applies_the_weight_and_rate_of_each_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 steps per epoch; the loss sees the epoch's beta, Adam its lr; valid ELBO unweighted."""
+    seen, valid_scales = [], []
+    step, valid = train_module._step, train_module._valid_elbo
+
+    def spy_step(loss_fn: ELBOLoss, optimizer: torch.optim.Optimizer, *args: object) -> object:
+        seen.append((loss_fn.beta, optimizer.param_groups[0]["lr"]))
+        return step(loss_fn, optimizer, *args)
+
+    def spy_valid(vae: VAE, x: torch.Tensor, *args: object) -> float:
+        site = poutine.trace(vae.model).get_trace(x)
+        valid_scales.append(site.nodes["vae.z"]["scale"])
+        return valid(vae, x, *args)
+
+    monkeypatch.setattr(train_module, "_step", spy_step)
+    monkeypatch.setattr(train_module, "_valid_elbo", spy_valid)
+    config = tiny_config(
+        5, kl_warmup=2, lr_schedule="exponential", lr_gamma=0.5, lr_min=1e-4, lr=1e-3
+    )
+    history = fit(tiny_vae(), tiny_data(), config, progress=False)
+    betas, lrs = [0.0, 0.5, 1.0, 1.0, 1.0], [1e-3, 5e-4, 2.5e-4, 1.25e-4, 1e-4]
+    expected = [(b, pytest.approx(lr)) for b, lr in zip(betas, lrs, strict=True)]
+    assert seen == [pair for pair in expected for _ in range(3)]
+    assert [row["kl_weight"] for row in history] == betas
+    assert [row["lr"] for row in history] == pytest.approx(lrs)
+    assert valid_scales == [1.0] * 5
+
+
+def test_default_config_keeps_the_old_metrics_columns() -> None:
+    history = fit(tiny_vae(), tiny_data(), tiny_config(1), progress=False)
+    assert list(history[0]) == ["epoch", "train_elbo", "valid_elbo", "seconds"]
+
+
+# ---------------------------------------------------------------- early stopping
+
+
+def _scripted_valid(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
+    calls = iter(values)
+    monkeypatch.setattr(train_module, "_valid_elbo", lambda *args: next(calls))
+
+
+def test_patience_stops_after_that_many_epochs_without_improvement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = [-5.0, -4.0, -4.5, -4.2, -4.1, -3.0, -2.0, -1.0]  # best at epoch 2, then 6..8
+    _scripted_valid(monkeypatch, values)
+    history = fit(tiny_vae(), tiny_data(), tiny_config(8, patience=3), tmp_path, progress=False)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
+    _scripted_valid(monkeypatch, values)
+    longer = fit(tiny_vae(), tiny_data(), tiny_config(8, patience=4), progress=False)
+    assert len(longer) == 8
+    _scripted_valid(monkeypatch, [])  # a resumed, stopped run trains no further epoch
+    resumed = fit(tiny_vae(), tiny_data(), tiny_config(8, patience=3), tmp_path, False, True)
+    assert [row["valid_elbo"] for row in resumed] == values[:5]
+    assert not patience_exhausted(7, 5, None) and patience_exhausted(8, 5, 3)
+
+
+def test_patience_counts_only_after_the_warmup(monkeypatch: pytest.MonkeyPatch) -> None:
+    _scripted_valid(monkeypatch, [-1.0] + [-2.0] * 7)  # best at epoch 1, never again
+    config = tiny_config(8, patience=2, kl_warmup=4)
+    assert [row["epoch"] for row in fit(tiny_vae(), tiny_data(), config, progress=False)] == [
+        1, 2, 3, 4, 5, 6
+    ]  # fmt: skip
+    assert not patience_exhausted(5, 1, 2, 4) and patience_exhausted(6, 1, 2, 4)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ({"kl_warmup": -1}, "kl_warmup"),
+        ({"kl_warmup": True}, "kl_warmup"),
+        ({"kl_warmup": 2.5}, "kl_warmup"),
+        ({"kl_warmup": 2, "objective": "iwae"}, "kl_warmup needs"),
+        ({"lr_schedule": "step"}, "lr_schedule 'step'"),
+        ({"lr_gamma": 0.0}, "lr_gamma"),
+        ({"lr_gamma": 1.5}, "lr_gamma"),
+        ({"lr_gamma": math.nan}, "lr_gamma"),
+        ({"lr_min": -1e-5}, "lr_min"),
+        ({"lr_min": 0.1, "lr": 0.01}, "lr_min"),
+        ({"patience": 0}, "patience"),
+        ({"patience": 2.0}, "patience"),
+    ],
+)
+def test_bad_recipe_settings_are_refused(bad: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        TrainConfig(**bad)
+
+
+def test_old_train_configs_mean_no_recipe() -> None:
+    old = {"num_epochs": 3, "batch_size": 16, "lr": 1e-3, "num_particles": 1, "seed": 0}
+    old.update(log_every=10, clip_norm=None, objective="elbo", jit=False)
+    config = TrainConfig(**old)
+    assert (config.kl_warmup, config.lr_schedule, config.patience) == (0, "constant", None)
+    assert {learning_rate(e, config.lr, config.lr_schedule, 3) for e in (1, 2, 3)} == {1e-3}
+    assert isinstance(train_module._make_loss(config), Trace_ELBO)
