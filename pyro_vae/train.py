@@ -401,12 +401,13 @@ def _train_epoch(
     """One shuffled pass over the training split; returns its mean ELBO per image.
 
     ``loss_fn(x, num_data, subsample)`` is the (possibly wrapped) :class:`ELBOLoss`. Losses
-    and gradient norms stay on the device and are read back (and checked for NaN/inf) every
-    ``log_every`` steps.
+    (and, when clipping, gradient norms) stay on the device and are read back and checked
+    for NaN/inf every ``log_every`` steps, together with the parameters.
     """
     num_data = data.train.shape[0]
     total, seen = torch.zeros((), device=data.train.device), 0
-    window: list[Tensor] = []  # (loss, gradient norm) of the steps since the last check
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    window: list[Tensor] = []  # loss (and gradient norm) of each step since the last check
     batches = replica.batches(num_data, config.batch_size, generator, epoch, data.train.device)
     for step, index in enumerate(batches, start=1):
         x = data.train_batch(index)
@@ -415,17 +416,17 @@ def _train_epoch(
                 loss_fn, optimizer, x, num_data, replica.subsample(index), config.clip_norm
             )
         except ValueError as error:  # distribution validation refuses NaN/inf parameters
-            _check_finite(window, epoch, step - len(window))  # an earlier step caused it?
+            _check_finite(window, epoch, step - len(window), params)  # an earlier step?
             raise _invalid_parameters(error, f"epoch {epoch}, step {step}") from None
-        window.append(torch.stack((loss, norm)))
+        window.append(loss.reshape(1) if norm is None else torch.stack((loss, norm)))
         total += loss * (x.shape[0] / num_data)
         seen += x.shape[0]
         if step % config.log_every == 0:
-            _check_finite(window, epoch, step - len(window) + 1)
+            _check_finite(window, epoch, step - len(window) + 1, params)
             window.clear()
             bar.set_postfix(elbo=f"{-float(total) / seen:.2f}")
         bar.update(1)
-    _check_finite(window, epoch, step - len(window) + 1)
+    _check_finite(window, epoch, step - len(window) + 1, params)
     total = replica.sum(total)
     return -float(total) / (seen * replica.world_size)
 
@@ -437,35 +438,53 @@ def _step(
     num_data: int,
     subsample: Tensor | None,
     clip_norm: float | None,
-) -> tuple[Tensor, Tensor]:
-    """One Adam step on the minibatch ``x`` ``(B, P)``; returns the loss and gradient norm."""
+) -> tuple[Tensor, Tensor | None]:
+    """One Adam step on the minibatch ``x`` ``(B, P)``.
+
+    Returns the loss and, with ``clip_norm``, the gradient's total norm before clipping
+    (None without: reading every gradient once more costs about a tenth of a step).
+    """
     loss = loss_fn(x, num_data, subsample)  # -ELBO estimate of all N images
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    # the optimizer's own list: no walk over the module tree on every step
-    grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if clip_norm is None:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
-    else:
-        norm = torch.nn.utils.clip_grad_norm_(grads, clip_norm)
+    norm = None
+    if clip_norm is not None:  # the optimizer's own list: no walk over the module tree
+        grads = [
+            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
+        norm = torch.nn.utils.clip_grad_norm_(grads, clip_norm).to(loss.dtype)
     optimizer.step()
-    return loss.detach(), norm.to(loss.dtype)
+    return loss.detach(), norm
 
 
-def _check_finite(window: list[Tensor], epoch: int, first_step: int) -> None:
-    """Raise TrainingDiverged naming the first step whose loss or gradient is NaN/inf."""
+def _check_finite(
+    window: list[Tensor], epoch: int, first_step: int, params: list[Tensor] | None = None
+) -> None:
+    """Raise TrainingDiverged naming the first step whose loss or gradient is NaN/inf.
+
+    Without gradient norms in ``window``, a NaN/inf gradient shows in the parameters Adam
+    updated with it and in the loss of the next step; both are checked.
+    """
     if not window:
         return
-    values = torch.stack(window).cpu()  # (steps, 2): loss, gradient norm
+    values = torch.stack(window).cpu()  # (steps, 1): loss, or (steps, 2): loss, gradient norm
     finite = values.isfinite().all(dim=1)
-    if bool(finite.all()):
-        return
-    index = int((~finite).nonzero()[0])
-    loss, norm = values[index].tolist()
-    raise TrainingDiverged(
-        f"training diverged at epoch {epoch}, step {first_step + index}: loss {loss:g}, "
-        f"gradient norm {norm:g}; {_REMEDY}"
-    )
+    where = f"training diverged at epoch {epoch}, step"
+    if not bool(finite.all()):
+        index = int((~finite).nonzero()[0])
+        row = values[index].tolist()
+        if len(row) == 2:
+            what = f"loss {row[0]:g}, gradient norm {row[1]:g}"
+        else:
+            what = f"loss {row[0]:g} (from this step or a NaN/inf gradient of the step before)"
+        raise TrainingDiverged(f"{where} {first_step + index}: {what}; {_REMEDY}")
+    if values.shape[1] == 1 and params:
+        sums = torch.stack([p.detach().sum() for p in params])
+        if not bool(sums.isfinite().all()):
+            last = first_step + len(window) - 1
+            raise TrainingDiverged(
+                f"{where} {last}: a NaN/inf gradient made the parameters NaN/inf; {_REMEDY}"
+            )
 
 
 def _invalid_parameters(error: ValueError, when: str) -> Exception:

@@ -50,26 +50,42 @@ def poison(vae: torch.nn.Module, where: str, bad_step: int, value: float) -> Non
 @pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own warning, then ours
 @pytest.mark.parametrize("log_every", [1, 2, 10])
 @pytest.mark.parametrize(
-    ("where", "value", "validate", "expected"),
+    ("where", "value", "validate", "clip", "expected"),
     [
-        ("loss", math.nan, False, "loss nan"),
-        ("loss", math.nan, True, "NaN/inf in a distribution parameter (logits)"),
-        ("gradient", math.inf, True, "gradient norm inf"),
+        ("loss", math.nan, False, None, "step 2: loss nan"),
+        ("loss", math.nan, True, None, "step 2: NaN/inf in a distribution parameter (logits)"),
+        ("gradient", math.inf, False, 1e9, "step 2: loss "),  # clipping reads the norm
+        ("gradient", math.inf, True, None, "step 2: a NaN/inf gradient made the parameters"),
+        ("gradient", math.inf, False, None, None),  # seen in the parameters or the next loss
     ],
 )
 def test_injected_nan_stops_at_epoch_and_step(
-    tmp_path: Path, where: str, value: float, validate: bool, expected: str, log_every: int
+    tmp_path: Path,
+    where: str,
+    value: float,
+    validate: bool,
+    clip: float | None,
+    expected: str | None,
+    log_every: int,
 ) -> None:
     vae = tiny_vae()
     poison(vae, where, bad_step=STEPS_PER_EPOCH + 2, value=value)  # epoch 2, step 2
     config = TrainConfig(
-        num_epochs=4, batch_size=16, seed=3, log_every=log_every, validate=validate
+        num_epochs=4, batch_size=16, seed=3, log_every=log_every, validate=validate, clip_norm=clip
     )
     with pytest.raises(TrainingDiverged) as info:
         fit(vae, tiny_data(), config, tmp_path, progress=False)
     message = str(info.value)
-    assert "epoch 2, step 2:" in message and "--lr" in message and "--clip-norm" in message
-    assert expected in message and "\n" not in message
+    if expected is None:  # checked right after step 2, or seen in the loss of step 3
+        expected = (
+            "step 2: a NaN/inf gradient made the parameters NaN/inf"
+            if log_every <= 2
+            else "step 3: loss nan (from this step or a NaN/inf gradient of the step before)"
+        )
+    if clip is not None:
+        assert "gradient norm inf" in message
+    assert "epoch 2, " + expected in message and "--lr" in message and "--clip-norm" in message
+    assert "\n" not in message
     last = read_payload(tmp_path / LAST)
     assert last["epoch"] == 1
     assert all(v.isfinite().all() for v in last["state_dict"].values())
