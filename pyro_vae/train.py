@@ -6,6 +6,7 @@ import csv
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -232,6 +233,7 @@ def fit(
     state = _restore(run_dir, vae, optimizer, generator, config) if resume else Progress()
     steps = replica.num_batches(data.train.shape[0], config.batch_size)
     with (
+        warnings.catch_warnings(),
         pyro.validation_enabled(config.validate),
         tqdm(
             total=config.num_epochs * steps,
@@ -241,6 +243,8 @@ def fit(
             dynamic_ncols=True,
         ) as bar,
     ):
+        # Pyro warns of each NaN loss; the divergence check reports the first one instead
+        warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
         for epoch in range(state.epoch + 1, config.num_epochs + 1):
             if patience_exhausted(
                 state.epoch, state.best_epoch, config.patience, config.kl_warmup

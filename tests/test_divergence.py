@@ -146,3 +146,14 @@ def test_cli_divergence_is_one_line_with_remedy(
     err = capsys.readouterr().err.strip().splitlines()
     assert "epoch 2, step 2" in err[-1] and f"--resume {run}" in err[-1]
     assert read_payload(run / LAST)["epoch"] == 1
+
+
+def test_cli_divergence_from_a_huge_learning_rate_prints_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Pyro's own NaN warnings (errors under this test config) are not shown: one line."""
+    data = save_binary_npy(tmp_path / "d.npy")
+    assert main(cli_train(data, tmp_path / "run", 2, "--lr", "1e308")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("training a diagonal VAE")
+    assert "training diverged at epoch 1" in err[1] and "loss nan" in err[1]
