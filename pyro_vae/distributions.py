@@ -10,9 +10,61 @@ from torch import Tensor
 from torch.distributions.multivariate_normal import _batch_mv
 from torch.distributions.utils import _standard_normal, lazy_property
 
-__all__ = ["CholeskyMultivariateNormal", "TriangularFactorNormal"]
+__all__ = [
+    "CholeskyMultivariateNormal",
+    "NoiseScoredNormal",
+    "StandardNormal",
+    "TriangularFactorNormal",
+]
 
 _EMPTY = torch.Size()
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class NoiseScoredNormal(dist.Normal):
+    r"""``Normal(loc, scale)`` that scores its own reparameterized draws from their noise.
+
+    A draw z = loc + scale * eps keeps eps; ``log_prob`` of that very tensor is
+
+    .. math:: \log q(z) = -\tfrac12 \epsilon^2 - \log \sigma - \tfrac12 \log 2\pi,
+
+    equal to the usual form in value and in its total gradient (``(z - loc) / scale`` is
+    eps), with fewer operations. Any other value, or a draw without a graph (``sample()``,
+    as score-function estimators use), takes the usual formula. Elementwise, like
+    ``Normal``; the guides wrap it with ``.to_event(1)``.
+    """
+
+    def rsample(self, sample_shape: torch.Size = _EMPTY) -> Tensor:
+        """A draw of shape ``sample_shape + batch_shape``; remembers its eps."""
+        shape = self._extended_shape(sample_shape)
+        eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
+        z = self.loc + eps * self.scale
+        self._last_draw = (z, eps)
+        return z
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        draw = getattr(self, "_last_draw", None)
+        on_path = value.requires_grad or not (
+            torch.is_grad_enabled() and (self.loc.requires_grad or self.scale.requires_grad)
+        )
+        if draw is None or value is not draw[0] or not on_path:
+            return super().log_prob(value)
+        return -0.5 * draw[1].square() - self.scale.log() - _HALF_LOG_2PI
+
+
+class StandardNormal(dist.Normal):
+    """``Normal(0, 1)`` whose log density skips the location and scale: the prior N(0, I).
+
+    Built like ``Normal`` from ``loc`` (zeros) and ``scale`` (ones), which fix its device,
+    dtype and batch shape; ``log_prob(z) = -z^2 / 2 - log(2 pi) / 2`` elementwise.
+    """
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        out = -0.5 * value.square() - _HALF_LOG_2PI
+        shape = torch.broadcast_shapes(out.shape, self.batch_shape)
+        return out if out.shape == shape else out.expand(shape)
 
 
 class CholeskyMultivariateNormal(dist.MultivariateNormal):

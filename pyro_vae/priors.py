@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from .distributions import StandardNormal
 from .guides import MIN_SCALE
 from .sphere import HypersphericalUniform
 from .validation import check_key, check_positive_int, registrar
@@ -89,7 +90,7 @@ class StandardNormalPrior(LatentPrior):
         self.register_buffer("scale", torch.ones(latent_dim), persistent=False)
 
     def forward(self) -> Distribution:
-        return dist.Normal(self.loc, self.scale).to_event(1)
+        return StandardNormal(self.loc, self.scale).to_event(1)
 
 
 @register_prior("mixture")

@@ -7,7 +7,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.distributions import CholeskyMultivariateNormal, TriangularFactorNormal
+from pyro_vae.distributions import (
+    CholeskyMultivariateNormal,
+    NoiseScoredNormal,
+    StandardNormal,
+    TriangularFactorNormal,
+)
 from pyro_vae.guides import make_guide
 
 
@@ -144,3 +149,44 @@ def test_factored_draw_matches_the_explicit_cholesky_path(
     assert isinstance(wide, TriangularFactorNormal) and wide.batch_shape == (5, 3)
     other = torch.randn(5, 3, 4)
     assert torch.allclose(wide.log_prob(other), reference.log_prob(other), atol=1e-12)
+
+
+def test_noise_scored_normal_matches_normal_in_value_and_total_gradient(float64: None) -> None:
+    loc = torch.randn(3, 4, requires_grad=True)
+    scale = torch.rand(3, 4).add(0.2).requires_grad_()
+    q = NoiseScoredNormal(loc, scale).to_event(1)
+    torch.manual_seed(0)
+    z = q.rsample((2,))
+    cheap = q.log_prob(z).sum() + z.pow(3).sum()
+    torch.manual_seed(0)
+    z_ref = dist.Normal(loc, scale).to_event(1).rsample((2,))
+    exact = dist.Normal(loc, scale).to_event(1).log_prob(z_ref).sum() + z_ref.pow(3).sum()
+    assert torch.allclose(cheap, exact, rtol=1e-12, atol=0)
+    for a, b in zip(
+        torch.autograd.grad(cheap, (loc, scale)),
+        torch.autograd.grad(exact, (loc, scale)),
+        strict=True,
+    ):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    other = torch.randn(3, 4)  # not its own draw: the usual formula
+    expected = dist.Normal(loc, scale).log_prob(other)
+    assert torch.allclose(NoiseScoredNormal(loc, scale).log_prob(other), expected, atol=1e-12)
+    drawn = NoiseScoredNormal(loc, scale)
+    fixed = drawn.sample()  # no graph: the score-function gradient holds z fixed
+    grads = torch.autograd.grad(drawn.log_prob(fixed).sum(), (loc, scale))
+    reference = torch.autograd.grad(dist.Normal(loc, scale).log_prob(fixed).sum(), (loc, scale))
+    for a, b in zip(grads, reference, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_standard_normal_is_normal_zero_one(float64: None) -> None:
+    p = StandardNormal(torch.zeros(3), torch.ones(3))
+    z = torch.randn(5, 3) * 3
+    assert torch.allclose(p.log_prob(z), dist.Normal(0.0, 1.0).log_prob(z), rtol=0, atol=1e-12)
+    wide = p.expand((5, 3))
+    assert isinstance(wide, StandardNormal)
+    assert wide.log_prob(torch.zeros(3)).shape == (5, 3)  # broadcast to the batch
+    kl = torch.distributions.kl_divergence(dist.Normal(torch.ones(3), 2.0), p)
+    assert torch.allclose(
+        kl, torch.distributions.kl_divergence(dist.Normal(1.0, 2.0), dist.Normal(0.0, 1.0))
+    )

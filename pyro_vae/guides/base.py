@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, Transform
 
+from ..distributions import NoiseScoredNormal
 from ..networks import MLP, check_hidden_dims
 from ..validation import check_key, check_positive_int, registrar
 
@@ -97,7 +98,7 @@ class AmortizedGuide(nn.Module):
     def diagonal_normal(self, x: Tensor) -> tuple[Distribution, Tensor]:
         """Base Gaussian N(mu(x), diag sigma(x)^2) (batch ``(B,)``, event ``(D,)``) and h(x)."""
         loc, scale, h = self.loc_scale(x)
-        return dist.Normal(loc, scale).to_event(1), h
+        return NoiseScoredNormal(loc, scale).to_event(1), h
 
     def forward(self, x: Tensor) -> Distribution:
         raise NotImplementedError
