@@ -98,7 +98,7 @@ class PlainVAE(nn.Module):
 
 
 class PlainFlowVAE(nn.Module):
-    """IAF or planar flow posterior written out in plain torch, around the same networks.
+    """IAF, planar or radial flow posterior written out in plain torch, around the same networks.
 
     The trunk, the Gaussian heads, each map's network (MADE or parameter MLP) and the decoder
     are taken from a pyro_vae guide and decoder (plain ``nn.Module``s), so the twin has the
@@ -107,13 +107,14 @@ class PlainFlowVAE(nn.Module):
     without Pyro's transforms or ``TransformedDistribution``.
 
     Args:
-        encoder: A pyro_vae ``IAFGuide`` or ``PlanarGuide`` (only its submodules are used).
+        encoder: A pyro_vae ``IAFGuide``, ``PlanarGuide`` or ``RadialGuide`` (only its
+            submodules are used).
         decoder: The decoder network ``(*, D) -> (*, P)``.
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
         super().__init__()
-        self.kind = {"iaf": "iaf", "planar": "planar"}[encoder.key]
+        self.step = {"iaf": self._iaf, "planar": self._planar, "radial": self._radial}[encoder.key]
         self.encoder, self.decoder = encoder, decoder
         self.margin = getattr(encoder.flows[0], "margin", 1e-4)
 
@@ -137,6 +138,19 @@ class PlainFlowVAE(nn.Module):
         log_det = torch.log(square + (1 - square) * one_plus).squeeze(-1)
         return z + u_hat * act, log_det
 
+    def _radial(self, k: int, z: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """One radial map z' = z + beta h(r) (z - z0), h = 1 / (alpha + r), beta > -alpha."""
+        z0, alpha_raw, beta_raw = self.encoder.flows[k].nn(h)
+        alpha = F.softplus(alpha_raw)
+        beta = F.softplus(beta_raw) - alpha
+        diff = z - z0
+        r = diff.norm(dim=-1, keepdim=True)
+        beta_h = beta / (alpha + r)
+        log_det = (z.shape[-1] - 1) * torch.log1p(beta_h) + torch.log1p(
+            beta_h - beta * r / (alpha + r).square()
+        )
+        return z + beta_h * diff, log_det.squeeze(-1)
+
     def sample_and_log_q(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """z ``(B, D)`` from q(z|x) and log q(z|x) ``(B,)``."""
         h = self.encoder.trunk(x)
@@ -145,23 +159,22 @@ class PlainFlowVAE(nn.Module):
         eps = torch.randn_like(loc)
         z = loc + scale * eps
         log_q = -0.5 * (eps.square() + LOG_2PI).sum(-1) - scale.log().sum(-1)
-        step = self._iaf if self.kind == "iaf" else self._planar
         for k in range(len(self.encoder.flows)):
-            z, log_det = step(k, z, h)
+            z, log_det = self.step(k, z, h)
             log_q = log_q - log_det
         return z, log_q
 
     loss = PlainVAE.loss
 
 
-PLAIN_TWINS = ("diagonal", "full", "lowrank", "iaf", "planar")
+PLAIN_TWINS = ("diagonal", "full", "lowrank", "iaf", "planar", "radial")
 
 
 def plain_twin(
     data_dim: int, latent_dim: int, hidden_dims: Sequence[int], guide: str
 ) -> nn.Module:
     """The plain PyTorch twin of pyro_vae's ``guide`` with fresh weights."""
-    if guide in ("iaf", "planar"):
+    if guide in ("iaf", "planar", "radial"):
         encoder = make_guide(guide, data_dim, latent_dim, hidden_dims)
         return PlainFlowVAE(encoder, MLP(latent_dim, tuple(reversed(hidden_dims)), data_dim))
     return PlainVAE(data_dim, latent_dim, hidden_dims, guide)

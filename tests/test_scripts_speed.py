@@ -58,7 +58,7 @@ def test_plain_twin_computes_the_same_loss(float64: None, bench: ModuleType, gui
     assert torch.allclose(twin.loss(x, 40), expected, rtol=1e-10, atol=0)
 
 
-@pytest.mark.parametrize("guide", ["iaf", "planar"])
+@pytest.mark.parametrize("guide", ["iaf", "planar", "radial"])
 def test_plain_flow_twin_computes_the_same_loss(
     float64: None, bench: ModuleType, guide: str
 ) -> None:

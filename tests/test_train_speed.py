@@ -19,7 +19,7 @@ from pyro_vae.evaluate import log_likelihood
 from pyro_vae.train import TrainConfig, _make_optimizer, fit
 
 #: guides known to compile under torch.jit.trace
-JIT_GUIDES = ("diagonal", "full", "lowrank", "iaf", "planar")
+JIT_GUIDES = ("diagonal", "full", "lowrank", "iaf", "planar", "radial")
 
 
 def _tiny_vae(key: str, data_dim: int = 5, latent_dim: int = 2) -> VAE:
