@@ -44,8 +44,11 @@ def plot(runs: dict[str, dict[str, list[float]]], out: Path, floor: float | None
         ax.plot(m["epoch"], m["train_elbo"], color=colour, linestyle="--", alpha=0.6)
         best = max(range(len(m["epoch"])), key=m["valid_elbo"].__getitem__)
         ax.plot(m["epoch"][best], m["valid_elbo"][best], "o", color=colour)
-    if floor is not None:
-        ax.set_ylim(bottom=floor)
+    # the top follows the validation curves and the final train values: a KL warm-up's
+    # early train objective is no ELBO and would squeeze the curves that matter
+    top = max(max(*m["valid_elbo"], m["train_elbo"][-1]) for m in runs.values())
+    bottom = floor if floor is not None else min(min(m["valid_elbo"]) for m in runs.values())
+    ax.set_ylim(bottom, top + 0.05 * (top - bottom) + 1e-9)
     ax.set_xlabel("epoch")
     ax.set_ylabel("ELBO per image (nats)")
     ax.set_title("validation ELBO (solid, best marked) and train objective (dashed)")
