@@ -21,6 +21,21 @@ _EMPTY = torch.Size()
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def _own_noise(q: dist.Distribution, value: Tensor, *params: Tensor) -> Tensor | None:
+    """The eps of ``value`` when it is ``q``'s own last draw and may be scored from it.
+
+    The noise form's gradient is right when ``value`` carries its graph back to ``params``
+    (a reparameterized draw) or no gradient of them is wanted. A draw made without a graph
+    (``sample()``, as score-function estimators use) must take the general formula, whose
+    gradient holds z fixed: then, and for any other value, this returns None.
+    """
+    draw = getattr(q, "_last_draw", None)
+    if draw is None or value is not draw[0]:
+        return None
+    wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    return draw[1] if value.requires_grad or not wants_grad else None
+
+
 class NoiseScoredNormal(dist.Normal):
     r"""``Normal(loc, scale)`` that scores its own reparameterized draws from their noise.
 
@@ -43,13 +58,10 @@ class NoiseScoredNormal(dist.Normal):
         return z
 
     def log_prob(self, value: Tensor) -> Tensor:
-        draw = getattr(self, "_last_draw", None)
-        on_path = value.requires_grad or not (
-            torch.is_grad_enabled() and (self.loc.requires_grad or self.scale.requires_grad)
-        )
-        if draw is None or value is not draw[0] or not on_path:
+        eps = _own_noise(self, value, self.loc, self.scale)
+        if eps is None:
             return super().log_prob(value)
-        return -0.5 * draw[1].square() - self.scale.log() - _HALF_LOG_2PI
+        return -0.5 * eps.square() - self.scale.log() - _HALF_LOG_2PI
 
 
 class StandardNormal(dist.Normal):
@@ -88,15 +100,9 @@ class CholeskyMultivariateNormal(dist.MultivariateNormal):
         self._last_draw = (z, eps)
         return z
 
-    def _on_sampling_path(self, value: Tensor) -> bool:
-        """True when the shortcut's gradient is right: value carries its graph back to loc
-        and L (a reparameterized draw), or no gradient of the parameters is wanted. A draw
-        made without a graph (``sample()``, as score-function estimators use) is scored by
-        the general formula, whose gradient holds z fixed."""
-        wants_grad = torch.is_grad_enabled() and (
-            self.loc.requires_grad or self._unbroadcasted_scale_tril.requires_grad
-        )
-        return value.requires_grad or not wants_grad
+    def _factor_params(self) -> tuple[Tensor, ...]:
+        """The tensors the draws are a function of (for :func:`_own_noise`)."""
+        return self.loc, self._unbroadcasted_scale_tril
 
     def _half_log_det(self) -> Tensor:
         """sum_i log L_ii, shape ``batch_shape``."""
@@ -104,12 +110,11 @@ class CholeskyMultivariateNormal(dist.MultivariateNormal):
 
     def log_prob(self, value: Tensor) -> Tensor:
         """log q(value), shape ``sample_shape + batch_shape``."""
-        draw = getattr(self, "_last_draw", None)
-        if draw is None or value is not draw[0] or not self._on_sampling_path(value):
+        eps = _own_noise(self, value, *self._factor_params())
+        if eps is None:
             return super().log_prob(value)
         if self._validate_args:
             self._validate_sample(value)
-        eps = draw[1]
         half_log_det = self._half_log_det()
         log_normal = -0.5 * (eps.square().sum(-1) + self._event_shape[0] * math.log(2 * math.pi))
         return log_normal - half_log_det
@@ -174,11 +179,8 @@ class TriangularFactorNormal(CholeskyMultivariateNormal):
         self._last_draw = (z, eps)
         return z
 
-    def _on_sampling_path(self, value: Tensor) -> bool:
-        wants_grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (self.loc, self.scale_diag, self.strict)
-        )
-        return value.requires_grad or not wants_grad
+    def _factor_params(self) -> tuple[Tensor, ...]:
+        return self.loc, self.scale_diag, self.strict
 
     def _half_log_det(self) -> Tensor:
         return self.scale_diag.log().sum(-1)
