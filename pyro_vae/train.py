@@ -119,9 +119,7 @@ class TrainConfig:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         clip = self.clip_norm
-        if clip is not None and not (
-            isinstance(clip, (int, float)) and not isinstance(clip, bool) and 0 < clip < math.inf
-        ):
+        if clip is not None and not (_is_number(clip) and clip > 0):
             raise ValueError(f"clip_norm must be a positive number or None, got {clip!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(
