@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -155,7 +158,12 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         help="hidden widths of each flow map's network, comma-separated; default 10 * latent",
     )
     train.add_argument("--latent-dim", type=_positive_int, default=16)
-    train.add_argument("--arch", choices=ARCHS, default="mlp", help="conv: 28x28 images only")
+    train.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default="mlp",
+        help="gated: gated linear layers; conv: 28x28 images only",
+    )
     train.add_argument("--prior", choices=sorted(PRIORS), default="standard")
     train.add_argument(
         "--prior-option",
@@ -216,6 +224,9 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     ev.add_argument("run_dir", type=Path)
     ev.add_argument("--split", choices=("test", "valid", "train"), default="test")
     ev.add_argument("--num-samples", type=_positive_int, default=5000)
+    ev.add_argument(
+        "--num-points", type=_positive_int, default=None, help="only the first N images"
+    )
     ev.add_argument("--batch-size", type=_positive_int, default=100)
     _add_data_args(ev, None)
     ev.add_argument("--device", default="auto")
@@ -596,9 +607,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        history = fit(
-            vae, data, train_config, run_dir, not args.quiet, resume=resuming, replica=replica
-        )
+        with _sigterm_as_interrupt():
+            history = fit(
+                vae, data, train_config, run_dir, not args.quiet, resume=resuming, replica=replica
+            )
     except (TrainingDiverged, TrainingInterrupted) as error:
         if not replica.is_main:
             return 1
@@ -623,6 +635,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"  wrote {path}")
     print(f"next: pyro-vae evaluate {run_dir}")
     return 0
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM (what schedulers and ``kill`` send) stops training like Ctrl-C does.
+
+    Background processes may ignore SIGINT; SIGTERM then gives the same clean stop: the epoch
+    in progress is dropped, ``last.pt`` keeps the one before, and ``--resume`` continues.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _report_stop(
@@ -651,7 +684,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         spec = data_spec(args.data, args.binarize)
     else:
         spec = DataSpec(**run["data"])
-    x = load_dataset(spec).split(args.split)
+    x = load_dataset(spec).split(args.split)[: args.num_points]
     if x.shape[1] != vae.config.data_dim:
         raise UsageError(
             f"the data has {x.shape[1]} pixels per image but the checkpoint "

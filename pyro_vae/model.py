@@ -14,7 +14,14 @@ from pyro.nn import PyroModule, pyro_method
 from torch import Tensor, nn
 
 from .guides import GUIDES, make_guide
-from .networks import ConvDecoder, ConvEncoder, Decoder, check_hidden_dims
+from .networks import (
+    ConvDecoder,
+    ConvEncoder,
+    Decoder,
+    GatedDecoder,
+    GatedMLP,
+    check_hidden_dims,
+)
 from .priors import LATENTS, PRIORS, make_prior
 from .sphere import VonMisesFisher
 from .validation import check_positive_int
@@ -23,8 +30,8 @@ __all__ = ["ARCHS", "MAX_LATENT_DIM", "VAE", "VAEConfig"]
 
 MAX_LATENT_DIM = 1024
 
-#: Built-in network pairs: ``mlp`` (any image) or ``conv`` (28x28 images only).
-ARCHS = ("mlp", "conv")
+#: Built-in network pairs: ``mlp`` and ``gated`` (any image), ``conv`` (28x28 images only).
+ARCHS = ("mlp", "gated", "conv")
 
 
 @dataclass(frozen=True)
@@ -38,8 +45,9 @@ class VAEConfig:
         guide: Key of ``GUIDES``.
         guide_options: Extra constructor arguments of the guide (e.g. ``num_flows``).
         image_shape: (height, width) for pictures; ``(1, P)`` when unknown.
-        arch: ``mlp``, or ``conv`` for 28x28 images (conv trunk of width ``hidden_dims[-1]``
-            and a transposed-conv decoder).
+        arch: ``mlp`` (softplus layers); ``gated`` (gated linear layers of the same widths,
+            see :class:`~pyro_vae.networks.GatedDense`); or ``conv`` for 28x28 images (conv
+            trunk of width ``hidden_dims[-1]`` and a transposed-conv decoder).
         prior: Key of ``PRIORS`` (``standard``, ``mixture``, ``vamp``).
         prior_options: Extra constructor arguments of the prior (e.g. ``num_components``).
         latent: ``euclidean`` (z in R^D) or ``sphere`` (z on S^{D-1}, uniform prior, only with
@@ -164,8 +172,11 @@ class VAE(PyroModule):
                 raise TypeError(f"{role} must be an nn.Module, got {type(module).__name__}")
         self.config, self.prefix = config, name
         conv = config.arch == "conv"
+        gated = config.arch == "gated"
         if trunk is None and conv:
             trunk = ConvEncoder(config.hidden_dims[-1], image_shape=config.image_shape)
+        if trunk is None and gated:
+            trunk = GatedMLP(config.data_dim, config.hidden_dims)
         if encoder is None:
             encoder = make_guide(
                 config.guide,
@@ -178,6 +189,10 @@ class VAE(PyroModule):
         self.encoder = encoder
         if decoder is None and conv:
             decoder = ConvDecoder(config.latent_dim, config.hidden_dims[-1])
+        if decoder is None and gated:
+            decoder = GatedDecoder(
+                config.latent_dim, tuple(reversed(config.hidden_dims)), config.data_dim
+            )
         if decoder is None:
             decoder = Decoder(
                 config.latent_dim, tuple(reversed(config.hidden_dims)), config.data_dim

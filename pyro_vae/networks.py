@@ -1,4 +1,4 @@
-"""Network building blocks (MLP and 28x28 conv); every one maps the last dim, any leading shape."""
+"""Network building blocks (MLP, gated MLP, 28x28 conv); each maps the last dim, any lead shape."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "ConvDecoder", "ConvEncoder", "Decoder", "check_hidden_dims"]
+__all__ = [
+    "MLP",
+    "ConvDecoder",
+    "ConvEncoder",
+    "Decoder",
+    "GatedDecoder",
+    "GatedDense",
+    "GatedMLP",
+    "check_hidden_dims",
+]
 
 
 def check_hidden_dims(hidden_dims: Sequence[int]) -> tuple[int, ...]:
@@ -52,6 +61,58 @@ class Decoder(nn.Module):
     def __init__(self, latent_dim: int, hidden_dims: Sequence[int], data_dim: int) -> None:
         super().__init__()
         self.net = MLP(latent_dim, check_hidden_dims(hidden_dims), data_dim)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+
+class GatedDense(nn.Module):
+    r"""Gated linear layer: ``(*, in_dim) -> (*, out_dim)``.
+
+    .. math:: h = (W x + b) \odot \sigma(V x + c)
+
+    The gate lets each unit switch itself off per input; Dauphin et al. (2017) and the
+    VampPrior paper (Tomczak & Welling, 2018) use it in place of an activation.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.value = nn.Linear(in_dim, out_dim)
+        self.gate = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.value(x) * torch.sigmoid(self.gate(x))
+
+
+class GatedMLP(nn.Sequential):
+    """Gated layers, one per width: ``(*, in_dim) -> (*, widths[-1])``; an encoder trunk.
+
+    Args:
+        in_dim: Input features.
+        widths: Output widths of the gated layers (one or more).
+    """
+
+    def __init__(self, in_dim: int, widths: Sequence[int]) -> None:
+        dims = (in_dim, *check_hidden_dims(widths))
+        super().__init__(*(GatedDense(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)))
+        self.out_dim = dims[-1]
+
+
+class GatedDecoder(nn.Module):
+    """Bernoulli logits given z through gated layers and a linear output: ``(*, D) -> (*, P)``.
+
+    Args:
+        latent_dim: Latent size D.
+        hidden_dims: Hidden widths, from z to pixels.
+        data_dim: Number of pixels P.
+    """
+
+    def __init__(self, latent_dim: int, hidden_dims: Sequence[int], data_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            GatedMLP(latent_dim, hidden_dims),
+            nn.Linear(check_hidden_dims(hidden_dims)[-1], data_dim),
+        )
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z)

@@ -9,10 +9,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyro
 import pytest
 import torch
 
+from pyro_vae import evaluate, load_dataset
+from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.cli import main
+from pyro_vae.data import DataSpec
 
 
 @pytest.fixture
@@ -77,6 +81,16 @@ def test_train_evaluate_sample_end_to_end(
     assert result["num_points"] == 6 and result["split"] == "test"
     assert result["elbo"] == pytest.approx(result["reconstruction"] - result["kl"])
     assert result["log_likelihood"] >= result["elbo"]
+
+    evaluate_4 = ["evaluate", str(run), "--num-points", "4", "--num-samples", "20", "--json"]
+    assert main([*evaluate_4, "--quiet"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    vae, _ = load_checkpoint(run / "checkpoint.pt")
+    images = load_dataset(DataSpec(**config["data"])).split("test")
+    pyro.set_rng_seed(0)  # the command's default seed
+    expected = evaluate(vae, images[:4], num_samples=20)
+    assert first["num_points"] == 4 and images.shape[0] == 6
+    assert first["log_likelihood"] == pytest.approx(expected.log_likelihood, rel=1e-6)
 
     assert main(["sample", str(run), "-n", "9", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -242,3 +242,33 @@ def test_cli_resumes_a_run_recorded_before_the_recipe_fields(tmp_path: Path) -> 
     assert (train["kl_warmup"], train["lr_schedule"], train["patience"]) == (0, "constant", None)
     assert [row["epoch"] for row in metrics_rows(run / METRICS)] == ["1", "2"]
     assert set(metrics_rows(run / METRICS)[0]) == {"epoch", "train_elbo", "valid_elbo", "seconds"}
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path: Path) -> None:
+    data = save_binary_npy(tmp_path / "d.npy", num_images=400)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pyro_vae", *cli_train(data, run, 1000)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / LAST).exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    saved = read_payload(run / LAST)["epoch"]
+    assert process.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in err  # the banner and one stop line
+    assert f"interrupted during epoch {saved + 1}" in lines[1]
+    assert f"continue with: pyro-vae train --resume {run}" in lines[1]
+    assert main(["train", "--resume", str(run), "--epochs", str(saved + 1)]) == 0
+    assert read_payload(run / LAST)["epoch"] == saved + 1
