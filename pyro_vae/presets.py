@@ -86,6 +86,7 @@ PRESETS: dict[str, Preset] = {
     "mnist-vamp": Preset(
         "VampPrior with 500 pseudo-inputs, after Tomczak & Welling (2018)",
         {
+            "arch": "gated",
             "guide": "diagonal",
             "prior": "vamp",
             "prior_option": [("num_components", 500)],
@@ -93,6 +94,9 @@ PRESETS: dict[str, Preset] = {
             "hidden_dims": (300, 300),
             "epochs": 2000,
             "lr": 5e-4,
+            # beta = 0 in epoch 1 lets q(z|x) and with it the mixture narrow; epoch 2 then
+            # meets losses of ~1e6 nats per image whose gradients would swamp Adam's moments
+            "clip_norm": 2e7,
             **_LONG_RUN,
         },
     ),
