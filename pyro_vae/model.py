@@ -18,7 +18,6 @@ from .networks import (
     ConvDecoder,
     ConvEncoder,
     Decoder,
-    GatedDecoder,
     GatedMLP,
     check_hidden_dims,
 )
@@ -189,13 +188,12 @@ class VAE(PyroModule):
         self.encoder = encoder
         if decoder is None and conv:
             decoder = ConvDecoder(config.latent_dim, config.hidden_dims[-1])
-        if decoder is None and gated:
-            decoder = GatedDecoder(
-                config.latent_dim, tuple(reversed(config.hidden_dims)), config.data_dim
-            )
         if decoder is None:
             decoder = Decoder(
-                config.latent_dim, tuple(reversed(config.hidden_dims)), config.data_dim
+                config.latent_dim,
+                tuple(reversed(config.hidden_dims)),
+                config.data_dim,
+                gated=gated,
             )
         self.decoder = decoder
         self.latent_prior = make_prior(

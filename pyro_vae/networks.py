@@ -12,7 +12,6 @@ __all__ = [
     "ConvDecoder",
     "ConvEncoder",
     "Decoder",
-    "GatedDecoder",
     "GatedDense",
     "GatedMLP",
     "check_hidden_dims",
@@ -56,11 +55,19 @@ class Decoder(nn.Module):
         latent_dim: Latent size D.
         hidden_dims: Hidden widths, from z to pixels.
         data_dim: Number of pixels P.
+        gated: Gated hidden layers (:class:`GatedMLP`) instead of softplus ones; the output
+            layer is linear either way.
     """
 
-    def __init__(self, latent_dim: int, hidden_dims: Sequence[int], data_dim: int) -> None:
+    def __init__(
+        self, latent_dim: int, hidden_dims: Sequence[int], data_dim: int, gated: bool = False
+    ) -> None:
         super().__init__()
-        self.net = MLP(latent_dim, check_hidden_dims(hidden_dims), data_dim)
+        dims = check_hidden_dims(hidden_dims)
+        if gated:
+            self.net = nn.Sequential(GatedMLP(latent_dim, dims), nn.Linear(dims[-1], data_dim))
+        else:
+            self.net = MLP(latent_dim, dims, data_dim)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z)
@@ -96,26 +103,6 @@ class GatedMLP(nn.Sequential):
         dims = (in_dim, *check_hidden_dims(widths))
         super().__init__(*(GatedDense(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)))
         self.out_dim = dims[-1]
-
-
-class GatedDecoder(nn.Module):
-    """Bernoulli logits given z through gated layers and a linear output: ``(*, D) -> (*, P)``.
-
-    Args:
-        latent_dim: Latent size D.
-        hidden_dims: Hidden widths, from z to pixels.
-        data_dim: Number of pixels P.
-    """
-
-    def __init__(self, latent_dim: int, hidden_dims: Sequence[int], data_dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            GatedMLP(latent_dim, hidden_dims),
-            nn.Linear(check_hidden_dims(hidden_dims)[-1], data_dim),
-        )
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.net(z)
 
 
 def _flat(x: Tensor, num_event_dims: int) -> tuple[Tensor, torch.Size]:

@@ -1,4 +1,4 @@
-"""Tiny synthetic data, models and run folders shared by the robustness tests."""
+"""Tiny synthetic data, models, run folders and training loops shared by the tests."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
+from pyro.infer import Trace_ELBO
+from torch import Tensor
 
 from pyro_vae.data import Dataset
 from pyro_vae.model import VAE, VAEConfig
@@ -58,3 +60,17 @@ def cli_train(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
         "--latent-dim", "2", "--hidden-dims", "8", "--guide", "diagonal", "--seed", "4",
         "--out", str(out), "--quiet", *extra,
     ]  # fmt: skip
+
+
+def adam_losses(vae: VAE, x: Tensor, steps: int, lr: float) -> list[float]:
+    """Train ``vae`` on the whole batch ``x`` with Adam for ``steps``; the -ELBO of each step."""
+    loss = Trace_ELBO().differentiable_loss
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        value = loss(vae.model, vae.guide, x)
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        losses.append(float(value.detach()))
+    return losses

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -158,23 +159,30 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     assert without_seconds(metrics_rows(tmp_path / "c" / METRICS)) != without_seconds(a)
 
 
+def start_cli_training(data: Path, run: Path, stderr: int) -> subprocess.Popen:
+    """``python -m pyro_vae train`` for 1000 epochs in a child process, one thread."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pyro_vae", *cli_train(data, run, 1000)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+
+
+def wait_while(process: subprocess.Popen, busy: Callable[[], bool], seconds: float = 60) -> None:
+    """Poll until ``busy()`` is false; fail if the process ends or time runs out first."""
+    deadline = time.monotonic() + seconds
+    while busy():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
 def test_kill_9_mid_epoch_loses_at_most_that_epoch(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     data = save_binary_npy(tmp_path / "d.npy", num_images=400)  # 320 train: 40 steps/epoch
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pyro_vae", *cli_train(data, run, 1000)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_cli_training(data, run, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while len(metrics_rows(run / METRICS) if (run / METRICS).exists() else []) < 2:
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        rows = run / METRICS
+        wait_while(process, lambda: not rows.exists() or len(metrics_rows(rows)) < 2)
         time.sleep(random.Random().uniform(0.0, 0.3))  # a random instant of a later epoch
     finally:
         process.send_signal(signal.SIGKILL)
@@ -248,19 +256,9 @@ def test_cli_resumes_a_run_recorded_before_the_recipe_fields(tmp_path: Path) -> 
 def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path: Path) -> None:
     data = save_binary_npy(tmp_path / "d.npy", num_images=400)
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pyro_vae", *cli_train(data, run, 1000)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_cli_training(data, run, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while not (run / LAST).exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_while(process, lambda: not (run / LAST).exists())
     finally:
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=60)

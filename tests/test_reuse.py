@@ -10,6 +10,7 @@ import torch
 from pyro import poutine
 from pyro.contrib.autoname import scope
 from pyro.infer import SVI, Predictive, Trace_ELBO
+from robust_helpers import adam_losses
 from torch import Tensor, nn
 
 from pyro_vae import GUIDES, VAE, VAEConfig
@@ -261,15 +262,7 @@ def test_conv_arch_trains_on_28x28_images() -> None:
     x = torch.where(torch.rand(32, 784) < 0.05, 1 - clean, clean)
     vae = VAE(VAEConfig(784, 2, (16,), "diagonal", image_shape=(28, 28), arch="conv"))
     assert isinstance(vae.encoder.trunk, ConvEncoder) and isinstance(vae.decoder, ConvDecoder)
-    loss = Trace_ELBO().differentiable_loss
-    optimizer = torch.optim.Adam(vae.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        value = loss(vae.model, vae.guide, x)
-        optimizer.zero_grad()
-        value.backward()
-        optimizer.step()
-        losses.append(float(value.detach()))
+    losses = adam_losses(vae, x, steps=40, lr=3e-3)
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
 
 
