@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim import Adam
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write, read_payload, save_checkpoint
 from .data import Dataset
 from .distributed import ELBOLoss, Replica
 from .evaluate import elbo as elbo_per_point
@@ -257,8 +257,21 @@ def fit(
                 row.update(recipes)
                 state = _end_epoch(run_dir, vae, optimizer, generator, config, state, row)
             except KeyboardInterrupt:
-                raise TrainingInterrupted(epoch, state.epoch, run_dir) from None
+                saved = _saved_epoch(run_dir, state.epoch)
+                raise TrainingInterrupted(epoch, saved, run_dir) from None
     return state.history
+
+
+def _saved_epoch(run_dir: Path | None, recorded: int) -> int:
+    """The epoch ``last.pt`` holds: ``recorded`` (the last one ``fit`` finished recording)
+    unless an interrupt landed between the file's rename and the end of the epoch's writes.
+    """
+    if run_dir is None:
+        return recorded
+    try:
+        return int(read_payload(run_dir / LAST)["epoch"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return recorded
 
 
 def _start_epoch(

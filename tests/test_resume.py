@@ -126,6 +126,28 @@ def test_ctrl_c_keeps_last_epoch_and_resumes_identically(
     assert_same_parameters(full, resumed)
 
 
+@pytest.mark.parametrize("saved_before_interrupt", [True, False])
+def test_interrupt_while_saving_names_the_epoch_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved_before_interrupt: bool
+) -> None:
+    """Ctrl-C during an epoch's writes: the message names what ``last.pt`` holds, not a guess."""
+    original, calls = train_module.save_training_state, [0]
+
+    def save(*args: object, **kwargs: object) -> None:
+        calls[0] += 1
+        if calls[0] == 2 and not saved_before_interrupt:
+            raise KeyboardInterrupt
+        original(*args, **kwargs)
+        if calls[0] == 2:
+            raise KeyboardInterrupt  # after the rename, as during the folder fsync
+
+    monkeypatch.setattr(train_module, "save_training_state", save)
+    saved = 2 if saved_before_interrupt else 1
+    with pytest.raises(TrainingInterrupted, match=f"during epoch 2.*holds epoch {saved}$") as info:
+        train_tiny(tmp_path, 4)
+    assert info.value.saved_epoch == read_payload(tmp_path / LAST)["epoch"] == saved
+
+
 def test_cli_ctrl_c_exits_130_with_resume_hint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
