@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from .distributions import StandardNormal
+from .distributions import DiagonalNormalMixture, StandardNormal
 from .guides import MIN_SCALE
 from .sphere import HypersphericalUniform
 from .validation import check_key, check_positive_int, registrar
@@ -122,9 +121,8 @@ class GaussianMixturePrior(LatentPrior):
         self.logits = nn.Parameter(torch.zeros(num_components))
 
     def forward(self) -> Distribution:
-        scales = F.softplus(self.raw_scales) + MIN_SCALE
-        components = dist.Normal(self.locs, scales).to_event(1)  # batch (K,), event (D,)
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+        scales = F.softplus(self.raw_scales) + MIN_SCALE  # (K, D)
+        return DiagonalNormalMixture(self.locs, scales, self.logits)
 
 
 @register_prior("vamp")
@@ -133,7 +131,7 @@ class VampPrior(LatentPrior):
 
     .. math:: p(z) = \frac{1}{K} \sum_{k=1}^{K} q_0(z | u_k), \quad u_k = \sigma(a_k) \in (0, 1)^P
 
-    q_0 is the diagonal Gaussian head of the encoder (``encoder.diagonal_normal``), which every
+    q_0 is the diagonal Gaussian head of the encoder (``encoder.loc_scale``), which every
     guide family has, so the prior's density is exact for flows too. The encoder is shared
     with the guide but not registered as a submodule here (its parameters belong to the VAE's
     ``encoder`` and must not be counted twice).
@@ -143,7 +141,7 @@ class VampPrior(LatentPrior):
 
     Args:
         latent_dim: Latent size D.
-        encoder: The VAE's guide network; needs ``data_dim`` and ``diagonal_normal(x)``.
+        encoder: The VAE's guide network; needs ``data_dim`` and ``loc_scale(x)``.
         num_components: Number of pseudo-inputs K.
         init_logit_scale: Spread of the initial pseudo-input logits a_k ~ N(0, s^2).
     """
@@ -156,9 +154,9 @@ class VampPrior(LatentPrior):
         init_logit_scale: float = 0.1,
     ) -> None:
         super().__init__(latent_dim)
-        if encoder is None or not hasattr(encoder, "diagonal_normal"):
+        if encoder is None or not hasattr(encoder, "loc_scale"):
             raise ValueError(
-                "the vamp prior needs an encoder with diagonal_normal(x) (an AmortizedGuide), "
+                "the vamp prior needs an encoder with loc_scale(x) (an AmortizedGuide), "
                 f"got {type(encoder).__name__}"
             )
         if not isinstance(num_components, int) or num_components < 1:
@@ -174,9 +172,8 @@ class VampPrior(LatentPrior):
         return torch.sigmoid(self.pseudo_logits)
 
     def forward(self) -> Distribution:
-        components, _ = self._encoder[0].diagonal_normal(self.pseudo_inputs)  # batch (K,)
-        mixing = dist.Categorical(logits=self.pseudo_logits.new_zeros(components.batch_shape))
-        return dist.MixtureSameFamily(mixing, components)
+        locs, scales, _ = self._encoder[0].loc_scale(self.pseudo_inputs)  # (K, D) each
+        return DiagonalNormalMixture(locs, scales, locs.new_zeros(locs.shape[:1]))
 
 
 class UniformSpherePrior(LatentPrior):

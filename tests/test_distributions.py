@@ -1,4 +1,4 @@
-"""CholeskyMultivariateNormal scores its own draws from eps, exactly like MultivariateNormal."""
+"""Our distributions against torch's reference ones: values, gradients and draws."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from pyro_vae.distributions import (
     CholeskyMultivariateNormal,
+    DiagonalNormalMixture,
     NoiseScoredNormal,
     StandardNormal,
     TriangularFactorNormal,
@@ -190,3 +191,66 @@ def test_standard_normal_is_normal_zero_one(float64: None) -> None:
     assert torch.allclose(
         kl, torch.distributions.kl_divergence(dist.Normal(1.0, 2.0), dist.Normal(0.0, 1.0))
     )
+
+
+def _mixture_params(k: int, d: int) -> tuple[torch.Tensor, ...]:
+    locs = torch.randn(k, d, requires_grad=True)
+    scales = torch.rand(k, d).add(0.05).requires_grad_()
+    logits = torch.randn(k, requires_grad=True)
+    return locs, scales, logits
+
+
+def _reference_mixture(locs: torch.Tensor, scales: torch.Tensor, logits: torch.Tensor):  # noqa: ANN202
+    components = dist.Normal(locs, scales).to_event(1)
+    return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
+
+
+@pytest.mark.parametrize("shape", [(), (6,), (3, 4)])
+def test_mixture_by_matrix_products_matches_the_broadcast_mixture(
+    float64: None, shape: tuple[int, ...]
+) -> None:
+    params = _mixture_params(5, 3)
+    z = 2 * torch.randn(*shape, 3)
+    fast = DiagonalNormalMixture(*params).log_prob(z)
+    slow = _reference_mixture(*params).log_prob(z)
+    assert fast.shape == shape
+    assert torch.allclose(fast, slow, rtol=0, atol=1e-10)
+    for a, b in zip(
+        torch.autograd.grad(fast.sum(), params),
+        torch.autograd.grad(slow.sum(), params),
+        strict=True,
+    ):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_mixture_in_float32_stays_close_to_the_float64_density() -> None:
+    """The expanded quadratic form cancels: about 1e-3 nats at scales down to 0.05 in float32."""
+    locs, scales, logits = (p.detach() for p in _mixture_params(100, 40))
+    z = locs[torch.randint(100, (2000,))] + scales.min() * torch.randn(2000, 40)
+    fast = DiagonalNormalMixture(locs, scales, logits).log_prob(z).double()
+    exact = _reference_mixture(locs.double(), scales.double(), logits.double()).log_prob(
+        z.double()
+    )
+    assert (fast - exact).abs().max() < 5e-3
+
+
+def test_mixture_draws_have_the_mixture_moments() -> None:
+    torch.manual_seed(0)
+    locs, scales, logits = (p.detach() for p in _mixture_params(3, 2))
+    p = DiagonalNormalMixture(locs, scales, logits)
+    draws = p.sample((200000,))
+    reference = _reference_mixture(locs, scales, logits)
+    assert draws.shape == (200000, 2) and not draws.requires_grad
+    assert torch.allclose(draws.mean(0), reference.mean, atol=0.02)
+    assert torch.allclose(draws.var(0), reference.variance, rtol=0.03)
+
+
+def test_mixture_under_a_plate_and_bad_shapes(float64: None) -> None:
+    p = DiagonalNormalMixture(*_mixture_params(4, 2))
+    with pyro.plate("data", 5):
+        trace = pyro.poutine.trace(lambda: pyro.sample("z", p)).get_trace()
+    site = trace.nodes["z"]
+    assert site["value"].shape == (5, 2) and site["fn"].batch_shape == (5,)
+    assert torch.allclose(site["fn"].log_prob(site["value"]), p.log_prob(site["value"]))
+    with pytest.raises(ValueError, match=r"locs and scales must be \(K, D\)"):
+        DiagonalNormalMixture(torch.zeros(4, 2), torch.ones(4, 3), torch.zeros(4))
