@@ -38,7 +38,7 @@ def test_flags_given_override_the_preset() -> None:
     argv = ["train", "--preset", "mnist-vamp", *DATA, "--latent-dim", "7", "--epochs", "3"]
     args = _parse([*argv, "--prior-option", "num_components=20", "--kl-warmup", "0"])
     assert (args.latent_dim, args.epochs, args.kl_warmup) == (7, 3, 0)
-    assert args.hidden_dims == (300, 300) and args.prior == "vamp" and args.lr == 5e-4
+    assert args.hidden_dims == (300, 300) and args.prior == "vamp" and args.clip_norm == 2e7
     assert dict(args.prior_option) == {"num_components": 20}  # the later value wins
     assert _parse(["train", *DATA]).hidden_dims == (200,)  # no preset: the usual defaults
 
