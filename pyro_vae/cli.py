@@ -600,7 +600,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         more = replica.world_size - 1
         print(
-            f"{'resuming' if resuming else 'training'} a {config.guide} VAE on {spec.name}: "
+            f"{'resuming' if resuming else 'training'} a VAE ({config.guide} guide, "
+            f"{config.prior} prior, {config.arch} networks) on {spec.name}: "
             f"{data.train.shape[0]} train / {data.valid.shape[0]} valid images of "
             f"{data.data_dim} pixels, on {device}"
             + (f" and {more} more processes" if more else ""),

@@ -155,5 +155,5 @@ def test_cli_divergence_from_a_huge_learning_rate_prints_one_error_line(
     data = save_binary_npy(tmp_path / "d.npy")
     assert main(cli_train(data, tmp_path / "run", 2, "--lr", "1e308")) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and err[0].startswith("training a diagonal VAE")
+    assert len(err) == 2 and err[0].startswith("training a VAE (diagonal guide, standard prior")
     assert "training diverged at epoch 1" in err[1] and "loss nan" in err[1]
