@@ -200,7 +200,9 @@ def _mixture_params(k: int, d: int) -> tuple[torch.Tensor, ...]:
     return locs, scales, logits
 
 
-def _reference_mixture(locs: torch.Tensor, scales: torch.Tensor, logits: torch.Tensor):  # noqa: ANN202
+def _reference_mixture(
+    locs: torch.Tensor, scales: torch.Tensor, logits: torch.Tensor
+) -> dist.MixtureSameFamily:
     components = dist.Normal(locs, scales).to_event(1)
     return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
