@@ -12,8 +12,10 @@ import torch
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.util import get_dependent_plate_dims, is_identically_zero, torch_sum
+from pyro.infer.util import get_dependent_plate_dims, is_identically_zero, torch_item, torch_sum
+from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
+from pyro.util import warn_if_nan
 from torch import Tensor
 from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
 
@@ -62,18 +64,20 @@ def kl_mvn_diagonal_normal(p: MultivariateNormal, q: Independent) -> Tensor:
 
 
 class IWAE_ELBO(RenyiELBO):  # noqa: N801 (Pyro's naming)
-    r"""The K-sample importance-weighted bound (Burda et al. 2015) as a differentiable loss.
+    r"""The K-sample importance-weighted bound (Burda et al. 2015) as a Pyro ELBO.
 
     .. math:: \mathcal{L}_K = \mathbb{E}\Big[\log \frac1K \sum_{k=1}^K
               \frac{p(x, z_k)}{q(z_k|x)}\Big], \quad z_k \sim q(z|x)
 
-    This is Pyro's ``RenyiELBO(alpha=0)`` (same traces, same log weights per datapoint; its
-    ``loss`` and ``loss_and_grads`` are inherited and agree with this one when the data plate
-    is not subsampled) plus the ``differentiable_loss`` that ``RenyiELBO`` lacks. The K
-    particles are vectorized. Under a subsampled data plate Pyro scales every site by N/B,
-    which must not enter the log-sum-exp: the bound is computed from unscaled log densities
-    per datapoint and the common scale is applied afterwards. Guides must be fully
-    reparameterized.
+    Built on Pyro's ``RenyiELBO(alpha=0)`` (same traces, same log weights per datapoint), with
+    the ``differentiable_loss`` that ``RenyiELBO`` lacks. The K particles are vectorized.
+    Under a subsampled data plate Pyro scales every site by N/B, which must not enter the
+    log-sum-exp: the bound is computed from unscaled log densities per datapoint and the
+    common scale is applied afterwards. ``RenyiELBO``'s own ``loss`` and ``loss_and_grads``
+    put the scale inside the log-sum-exp, so both are overridden here to compute the same
+    objective as ``differentiable_loss`` (``loss`` without building a graph,
+    ``loss_and_grads`` by backpropagating it); inside ``SVI`` every method therefore agrees,
+    subsampled or not. Guides must be fully reparameterized.
 
     References:
         Importance Weighted Autoencoders (Burda, Grosse & Salakhutdinov, 2015)
@@ -87,10 +91,10 @@ class IWAE_ELBO(RenyiELBO):  # noqa: N801 (Pyro's naming)
             vectorize_particles=True,
         )
 
-    def differentiable_loss(
-        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
-    ) -> Tensor:
-        """-L_K summed over the data plate (scaled to the full data set), a scalar."""
+    def _loss_and_traces(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> tuple[Tensor, Trace, Trace]:
+        """-L_K (a scalar tensor) with the model and guide traces it came from."""
         model_trace, guide_trace = next(self._get_traces(model, guide, args, kwargs))
         sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
         log_w, scales = 0.0, set()
@@ -104,13 +108,48 @@ class IWAE_ELBO(RenyiELBO):  # noqa: N801 (Pyro's naming)
                 log_w = log_w + sign * torch_sum(log_p, sum_dims)
                 scales.add(float(site["scale"]))
         if is_identically_zero(log_w):
-            return torch.zeros(())
+            return torch.zeros(()), model_trace, guide_trace
         if len(scales) != 1:
             raise ValueError(f"IWAE needs one common subsampling scale, got {sorted(scales)}")
         if self.num_particles == 1:
             log_w = log_w.unsqueeze(0)
         bound = torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)
-        return -bound.sum() * scales.pop()
+        return -bound.sum() * scales.pop(), model_trace, guide_trace
+
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> Tensor:
+        """-L_K summed over the data plate (scaled to the full data set), a scalar."""
+        loss, _, _ = self._loss_and_traces(model, guide, args, kwargs)
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """The value of :meth:`differentiable_loss` as a float, without building gradients."""
+        with torch.no_grad():
+            loss, _, _ = self._loss_and_traces(model, guide, args, kwargs)
+        loss = torch_item(loss)
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """The value of :meth:`differentiable_loss` as a float, after backpropagating it.
+
+        As in Pyro's ``Trace_ELBO``, gradients accumulate in ``.grad`` of the parameters seen
+        by the model and guide, and nothing is backpropagated when the traces have no ``param``
+        sites or the loss does not require grad.
+        """
+        loss, model_trace, guide_trace = self._loss_and_traces(model, guide, args, kwargs)
+        trainable_params = any(
+            site["type"] == "param"
+            for trace in (model_trace, guide_trace)
+            for site in trace.nodes.values()
+        )
+        if trainable_params and loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        loss = torch_item(loss.detach())
+        warn_if_nan(loss, "loss")
+        return loss
 
 
 def make_objective(name: str = "elbo", num_particles: int = 1) -> ELBO:

@@ -129,6 +129,63 @@ def test_iwae_under_subsampling_scales_the_bound_not_the_weights(float64: None) 
     torch.testing.assert_close(scaled, plain * 10)
 
 
+def _subsampled_iwae_case() -> tuple[VAE, torch.Tensor, dict]:
+    """A small VAE, a batch of B = 4 from a data set of N = 40, K = 8 (so N/B = 10)."""
+    vae = VAE(VAEConfig(6, 2, (8,), "diagonal"))
+    return vae, _x(n=4, data_dim=6), {"num_data": 40}
+
+
+def test_iwae_loss_and_loss_and_grads_match_differentiable_loss_under_subsampling(
+    float64: None,
+) -> None:
+    vae, x, kw = _subsampled_iwae_case()
+    iwae, params = IWAE_ELBO(num_particles=8), list(vae.parameters())
+    pyro.set_rng_seed(5)
+    reference = iwae.differentiable_loss(vae.model, vae.guide, x, **kw)
+    expected_grads = torch.autograd.grad(reference, params)
+    expected = float(reference.detach())
+    pyro.set_rng_seed(5)  # independent: N/B * sum_b -(logsumexp_k log w_kb - log K)
+    with torch.no_grad():
+        w = log_weights(vae, x, 8)
+    log_w = w["log_lik"] + w["log_prior"] - w["log_q"]
+    independent = 10 * float(-(torch.logsumexp(log_w, 0) - math.log(8)).sum())
+    assert math.isclose(expected, independent, rel_tol=1e-12)
+
+    pyro.set_rng_seed(5)
+    loss = iwae.loss(vae.model, vae.guide, x, **kw)
+    assert isinstance(loss, float) and math.isclose(loss, expected, rel_tol=1e-12)
+    assert all(p.grad is None for p in params)  # loss builds and leaves no gradients
+    pyro.set_rng_seed(5)
+    with pyro.poutine.trace(param_only=True) as seen:
+        value = iwae.loss_and_grads(vae.model, vae.guide, x, **kw)
+    assert seen.trace.nodes and isinstance(value, float)
+    assert math.isclose(value, expected, rel_tol=1e-12)
+    for g, p in zip(expected_grads, params, strict=True):
+        torch.testing.assert_close(p.grad, g)
+    # Renyi's own loss puts N/B inside the log-mean-exp: a different (smaller) number here.
+    pyro.set_rng_seed(5)
+    assert expected - RenyiELBO.loss(iwae, vae.model, vae.guide, x, **kw) > 1.0
+
+
+def test_iwae_inside_svi_reports_and_steps_on_the_differentiable_loss(float64: None) -> None:
+    vae, x, kw = _subsampled_iwae_case()
+    iwae, params = IWAE_ELBO(num_particles=8), list(vae.parameters())
+    lr = 1e-3
+    svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": lr}), iwae)
+    pyro.set_rng_seed(7)
+    reference = iwae.differentiable_loss(vae.model, vae.guide, x, **kw)
+    grads = torch.autograd.grad(reference, params)
+    expected = float(reference.detach())
+    pyro.set_rng_seed(7)
+    assert math.isclose(svi.evaluate_loss(x, **kw), expected, rel_tol=1e-12)
+    before = [p.detach().clone() for p in params]
+    pyro.set_rng_seed(7)
+    assert math.isclose(svi.step(x, **kw), expected, rel_tol=1e-12)
+    # Adam's first step moves each parameter by -lr * g / (|g| + eps) with g these gradients.
+    for p, p0, g in zip(params, before, grads, strict=True):
+        torch.testing.assert_close(p.detach(), p0 - lr * g / (g.abs() + 1e-8))
+
+
 def test_iwae_bound_exceeds_elbo_and_rises_toward_log_px(float64: None) -> None:
     vae, x = _tiny_vae(latent_dim=1), _x(n=4)
     log_px = float(_quadrature_log_px(vae, x).mean())
