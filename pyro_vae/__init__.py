@@ -1,11 +1,11 @@
-"""pyro_vae: variational autoencoders in Pyro with swappable amortized posteriors."""
+"""pyro_vae: variational autoencoders in Pyro, assembled from registered parts."""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from .data import Dataset, DataSpec, load_dataset  # noqa: E402
+from .data import DATASETS, Dataset, DataSpec, load_dataset, register_dataset  # noqa: E402
 from .evaluate import Evaluation, elbo, evaluate, log_likelihood  # noqa: E402
 from .guides import (  # noqa: E402
     GUIDES,
@@ -14,19 +14,32 @@ from .guides import (  # noqa: E402
     make_guide,
     register_guide,
 )
-from .model import VAE, VAEConfig  # noqa: E402
+from .likelihoods import (  # noqa: E402
+    LIKELIHOODS,
+    Likelihood,
+    make_likelihood,
+    register_likelihood,
+)
+from .model import VAE, ModelDraw, VAEConfig  # noqa: E402
+from .networks import ARCHS, NetworkPair, make_arch, register_arch  # noqa: E402
 from .priors import PRIORS, make_prior, register_prior  # noqa: E402
 from .train import TrainConfig, fit  # noqa: E402
 
 __all__ = [
+    "ARCHS",
+    "DATASETS",
     "GUIDES",
+    "LIKELIHOODS",
     "PRIORS",
     "VAE",
     "AmortizedGuide",
     "DataSpec",
     "Dataset",
     "Evaluation",
+    "Likelihood",
     "LowRankNormalGuide",
+    "ModelDraw",
+    "NetworkPair",
     "TrainConfig",
     "VAEConfig",
     "__version__",
@@ -36,9 +49,14 @@ __all__ = [
     "load_checkpoint",
     "load_dataset",
     "log_likelihood",
+    "make_arch",
     "make_guide",
+    "make_likelihood",
     "make_prior",
+    "register_arch",
+    "register_dataset",
     "register_guide",
+    "register_likelihood",
     "register_prior",
     "save_checkpoint",
 ]

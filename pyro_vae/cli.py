@@ -23,7 +23,9 @@ from .distributed import finish_worker, init_replica
 from .evaluate import evaluate
 from .gaps import inference_gaps
 from .guides import GUIDES, FlowGuide
-from .model import ARCHS, VAE, VAEConfig
+from .likelihoods import LIKELIHOODS
+from .model import VAE, VAEConfig
+from .networks import ARCHS
 from .objectives import OBJECTIVES
 from .pictures import save_image_grid
 from .presets import PRESETS
@@ -136,14 +138,7 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     train = commands.add_parser("train", help="train a VAE and write a run folder")
     _add_data_args(train, ["digits"])
     train.add_argument("--guide", choices=sorted(GUIDES), default="full")
-    train.add_argument(
-        "--guide-option",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra guide argument, e.g. tril_scale=0.03",
-    )
+    _add_options_arg(train, "guide", "tril_scale=0.03")
     train.add_argument(
         "--num-flows",
         type=_positive_int,
@@ -160,19 +155,21 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     train.add_argument("--latent-dim", type=_positive_int, default=16)
     train.add_argument(
         "--arch",
-        choices=ARCHS,
+        choices=sorted(ARCHS),
         default="mlp",
-        help="gated: gated linear layers; conv: 28x28 images only",
+        help="encoder/decoder networks: mlp, gated (gated linear layers), conv (28x28 only)",
     )
-    train.add_argument("--prior", choices=sorted(PRIORS), default="standard")
+    _add_options_arg(train, "arch", "channels=[16,32]")
     train.add_argument(
-        "--prior-option",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra prior argument, e.g. num_components=50",
+        "--likelihood",
+        choices=sorted(LIKELIHOODS),
+        default="bernoulli",
+        help="p(x|z): bernoulli (binary pixels), continuous-bernoulli (intensities in [0, 1]), "
+        "binomial (integers 0..L), gaussian (real values); data are loaded to match",
     )
+    _add_options_arg(train, "likelihood", "total_count=255 or scale=decoded")
+    train.add_argument("--prior", choices=sorted(PRIORS), default="standard")
+    _add_options_arg(train, "prior", "num_components=50")
     train.add_argument(
         "--latent",
         choices=LATENTS,
@@ -244,6 +241,18 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     if train_defaults:
         train.set_defaults(**train_defaults)
     return parser
+
+
+def _add_options_arg(parser: argparse.ArgumentParser, axis: str, example: str) -> None:
+    """``--AXIS-option KEY=VALUE`` (repeatable): a constructor argument of that part."""
+    parser.add_argument(
+        f"--{axis}-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"extra {axis} argument, e.g. {example}",
+    )
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -340,6 +349,12 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
     cmp.add_argument("--num-samples", type=_positive_int, default=5000)
     cmp.add_argument("--latent-dim", type=_positive_int, default=16)
     cmp.add_argument("--hidden-dims", type=_int_list, default=(200,))
+    cmp.add_argument("--arch", choices=sorted(ARCHS), default="mlp")
+    _add_options_arg(cmp, "arch", "channels=[16,32]")
+    cmp.add_argument("--prior", choices=sorted(PRIORS), default="standard")
+    _add_options_arg(cmp, "prior", "num_components=50")
+    cmp.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default="bernoulli")
+    _add_options_arg(cmp, "likelihood", "total_count=255")
     cmp.add_argument("--batch-size", type=_positive_int, default=100)
     cmp.add_argument("--lr", type=_positive_float, default=1e-3)
     cmp.add_argument("--num-particles", type=_positive_int, default=1)
@@ -407,8 +422,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def data_spec(values: Sequence[str], binarize: str | None, seed: int = 0) -> DataSpec:
-    """``--data NAME [PATH]`` (or ``--data FILE.npy``) as a DataSpec."""
+def data_spec(
+    values: Sequence[str], binarize: str | None, seed: int = 0, likelihood: str = "bernoulli"
+) -> DataSpec:
+    """``--data NAME [PATH]`` (or ``--data FILE.npy``) as a DataSpec, in the pixel kind of
+    ``likelihood``; ``--binarize`` fits only a likelihood of binary pixels."""
+    pixels = LIKELIHOODS[likelihood].pixels
+    if binarize is not None and pixels != "binary":
+        raise UsageError(
+            f"--binarize and --likelihood {likelihood} do not fit: the likelihood scores "
+            f"{pixels} pixels, not binarized ones"
+        )
     if len(values) > 2:
         raise UsageError(f"--data takes NAME [PATH], got {' '.join(values)}")
     name, path = values[0], (values[1] if len(values) == 2 else None)
@@ -416,7 +440,7 @@ def data_spec(values: Sequence[str], binarize: str | None, seed: int = 0) -> Dat
         name, path = "array", name
     if path is not None:
         path = str(Path(path).expanduser().resolve())
-    return DataSpec(name, path, binarize, seed)
+    return DataSpec(name, path, binarize, seed, pixels=pixels)
 
 
 def _prepare_run_dir(
@@ -513,17 +537,31 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         raise UsageError(f"{run_dir / CONFIG}: not valid JSON ({error})") from None
 
 
+def _stored_data_spec(run_dir: Path, run: dict[str, Any]) -> DataSpec:
+    """The DataSpec a run's config.json records."""
+    if not isinstance(run.get("data"), dict):
+        raise UsageError(f"{run_dir / CONFIG}: records no dataset to take images from")
+    try:
+        return DataSpec(**run["data"])
+    except TypeError as error:
+        raise UsageError(f"{run_dir / CONFIG}: not a usable data record ({error})") from None
+
+
 def _save_pictures(vae: VAE, valid: torch.Tensor, run_dir: Path) -> list[Path]:
-    """samples.png (64 prior samples) and reconstructions.png (data rows above their decodings)."""
+    """samples.png (64 prior samples) and reconstructions.png (data rows above their decodings).
+
+    Means are shown on the likelihood's value range, or on the data's range when unbounded.
+    """
     shape = vae.config.image_shape
+    span = vae.likelihood.value_range() or (float(valid.min()), float(valid.max()))
     samples = vae.sample_images(64, generator=torch.Generator().manual_seed(0)).cpu()
     columns = min(8, valid.shape[0])
     x = valid[: columns * min(4, valid.shape[0] // columns)]
     rows = torch.stack([x, vae.reconstruct(x)]).reshape(2, -1, columns, x.shape[-1])
     pairs = rows.transpose(0, 1).reshape(-1, columns, x.shape[-1])  # data row, then its decoding
     return [
-        save_image_grid(run_dir / "samples.png", samples, shape),
-        save_image_grid(run_dir / "reconstructions.png", pairs.cpu(), shape),
+        save_image_grid(run_dir / "samples.png", samples, shape, value_range=span),
+        save_image_grid(run_dir / "reconstructions.png", pairs.cpu(), shape, value_range=span),
     ]
 
 
@@ -540,7 +578,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--preset {args.preset} needs the data: add --data binarized-mnist PATH"
             )
-        spec, config = data_spec(args.data, args.binarize), None
+        spec, config = data_spec(args.data, args.binarize, likelihood=args.likelihood), None
         train_config = TrainConfig(
             num_epochs=args.epochs,
             batch_size=args.batch_size,
@@ -564,6 +602,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"({data.train.shape[0]} images)"
         )
     if config is None:
+        likelihood = LIKELIHOODS[args.likelihood]
         config = VAEConfig(
             data.data_dim,
             args.latent_dim,
@@ -575,7 +614,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             prior=args.prior,
             prior_options=dict(args.prior_option),
             latent=args.latent,
+            likelihood=args.likelihood,
+            likelihood_options=likelihood.options_for_data(
+                dict(args.likelihood_option), data.train, data.levels
+            ),
+            arch_options=dict(args.arch_option),
         )
+    config.check_data(data.valid, data.pixels, "the validation images")
     replica, device = init_replica(device)  # under torchrun: join the process group
     if replica.world_size > 1 and (args.jit or resuming):
         raise UsageError("--jit and --resume are not supported with several processes")
@@ -601,7 +646,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         more = replica.world_size - 1
         print(
             f"{'resuming' if resuming else 'training'} a VAE ({config.guide} guide, "
-            f"{config.prior} prior, {config.arch} networks) on {spec.name}: "
+            f"{config.prior} prior, {config.arch} networks, {config.likelihood} likelihood) on "
+            f"{spec.name}: "
             f"{data.train.shape[0]} train / {data.valid.shape[0]} valid images of "
             f"{data.data_dim} pixels, on {device}"
             + (f" and {more} more processes" if more else ""),
@@ -682,9 +728,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run = _read_run(args.run_dir)
     vae, _ = load_checkpoint(args.run_dir / CHECKPOINT, map_location=device)
     if args.data is not None:
-        spec = data_spec(args.data, args.binarize)
+        spec = data_spec(args.data, args.binarize, likelihood=vae.config.likelihood)
     else:
-        spec = DataSpec(**run["data"])
+        spec = _stored_data_spec(args.run_dir, run)
     x = load_dataset(spec).split(args.split)[: args.num_points]
     if x.shape[1] != vae.config.data_dim:
         raise UsageError(
@@ -706,6 +752,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{args.split} split, {result.num_points} images, K = {result.num_samples} "
         "importance samples (nats per image)"
     )
+    if not vae.likelihood.discrete:
+        print(
+            f"  likelihood {vae.config.likelihood!r} is a density: these are log densities, "
+            "not comparable with log probabilities of discrete data"
+        )
     for label, value in (
         ("ELBO", result.elbo),
         ("reconstruction E_q log p(x|z)", result.reconstruction),
@@ -724,7 +775,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: the picture is written as PNG; use a .png name")
     images = vae.sample_images(args.num_images, generator=torch.Generator().manual_seed(args.seed))
-    print(f"wrote {save_image_grid(out, images, vae.config.image_shape)}")
+    span = vae.likelihood.value_range()
+    print(f"wrote {save_image_grid(out, images, vae.config.image_shape, value_range=span)}")
     return 0
 
 
@@ -734,7 +786,11 @@ def _objective(name: str) -> str:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    spec = data_spec(args.data, args.binarize)
+    spec = data_spec(args.data, args.binarize, likelihood=args.likelihood)
+    data = load_dataset(spec)
+    likelihood_options = LIKELIHOODS[args.likelihood].options_for_data(
+        dict(args.likelihood_option), data.train, data.levels
+    )
     config = CompareConfig(
         guides=args.guides,
         num_seeds=args.seeds,
@@ -748,6 +804,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
             num_particles=args.num_particles,
             objective=_objective(args.objective),
         ),
+        model_options={
+            "arch": args.arch,
+            "arch_options": dict(args.arch_option),
+            "prior": args.prior,
+            "prior_options": dict(args.prior_option),
+            "likelihood": args.likelihood,
+            "likelihood_options": likelihood_options,
+        },
     )
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a folder")
@@ -755,7 +819,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--out {args.out}: already holds a comparison; pass --overwrite or choose another"
         )
-    data = load_dataset(spec)
     if args.batch_size > data.train.shape[0]:
         raise UsageError(
             f"--batch-size {args.batch_size} is larger than the training set "
@@ -783,9 +846,7 @@ def cmd_gaps(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     run = _read_run(args.run_dir)
     vae, _ = load_checkpoint(args.run_dir / CHECKPOINT, map_location=device)
-    if not isinstance(run.get("data"), dict):
-        raise UsageError(f"{args.run_dir / CONFIG}: records no dataset to take images from")
-    x = load_dataset(DataSpec(**run["data"])).split(args.split)[: args.num_points]
+    x = load_dataset(_stored_data_spec(args.run_dir, run)).split(args.split)[: args.num_points]
     pyro.set_rng_seed(args.seed)
     split, _ = inference_gaps(
         vae,

@@ -68,6 +68,9 @@ class CompareConfig:
         train: Optimization settings shared by every run (its seed is replaced per run).
         split: Split to evaluate on (``test``; ``valid`` when there is no test split).
         guide_options: Extra constructor arguments per guide key.
+        model_options: Further :class:`~pyro_vae.model.VAEConfig` fields shared by every
+            run, e.g. ``{"likelihood": "binomial", "likelihood_options": {"total_count": 16},
+            "arch": "gated", "prior": "vamp"}``.
     """
 
     guides: tuple[str, ...]
@@ -78,6 +81,7 @@ class CompareConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(num_epochs=100))
     split: str = "test"
     guide_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "guides", tuple(self.guides))
@@ -91,6 +95,10 @@ class CompareConfig:
         for name in ("num_seeds", "num_samples"):
             value = getattr(self, name)
             check_positive_int(name, value)
+        fixed = {"data_dim", "latent_dim", "hidden_dims", "guide", "guide_options", "image_shape"}
+        unknown = set(self.model_options) - (set(VAEConfig.__dataclass_fields__) - fixed)
+        if unknown:
+            raise ValueError(f"model_options cannot set {sorted(unknown)}")
 
 
 @torch.no_grad()
@@ -132,6 +140,7 @@ def _run_one(
         key,
         config.guide_options.get(key, {}),
         data.image_shape,
+        **config.model_options,
     )
     train = replace(config.train, seed=seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -182,8 +191,10 @@ def compare_guides(
     for key in config.guides:
         with torch.random.fork_rng(devices=[]):  # rebuilding a VAE draws initial weights
             vae, _ = load_checkpoint(out_dir / "runs" / f"{key}-seed0" / CHECKPOINT)
-        images = vae.sample_images(64, generator=torch.Generator().manual_seed(0))
-        save_image_grid(out_dir / f"samples-{key}.png", images.cpu(), vae.config.image_shape)
+        images = vae.sample_images(64, generator=torch.Generator().manual_seed(0)).cpu()
+        span = vae.likelihood.value_range() or (float(images.min()), float(images.max()))
+        path = out_dir / f"samples-{key}.png"
+        save_image_grid(path, images, vae.config.image_shape, value_range=span)
     return summary
 
 

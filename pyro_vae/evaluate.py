@@ -48,16 +48,21 @@ def _site_log_prob(site: dict) -> Tensor:
     return log_p
 
 
-def log_weights(vae: VAE, x: Tensor, num_particles: int) -> dict[str, Tensor]:
+def log_weights(
+    vae: VAE, x: Tensor, num_particles: int, condition: Tensor | None = None
+) -> dict[str, Tensor]:
     """Log densities of ``num_particles`` draws z ~ q(z|x), each of shape ``(K, B)``.
 
     Returns a dict with ``log_lik`` = log p(x|z) (observed sites), ``log_prior`` = log p(z)
     (latent model sites) and ``log_q`` = log q(z|x); the importance log weight is
     ``log_lik + log_prior - log_q``. Scales from subsampling plates or annealing are ignored.
+    ``condition`` ``(B, C)`` conditions a conditional VAE.
     """
+    kwargs = {} if condition is None else {"condition": condition}
     with pyro.plate(f"{vae.prefix}.particles", num_particles, dim=-2):
-        guide_trace = poutine.trace(vae.guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+        guide_trace = poutine.trace(vae.guide).get_trace(x, **kwargs)
+        model = poutine.trace(poutine.replay(vae.model, trace=guide_trace))
+        model_trace = model.get_trace(x, **kwargs)
     zero = x.new_zeros(num_particles, x.shape[0])
     out = {"log_lik": zero, "log_prior": zero, "log_q": zero}
     for key, trace in (("model", model_trace), ("guide", guide_trace)):
@@ -78,18 +83,19 @@ def _chunks(total: int, size: int) -> list[int]:
 
 
 def _particle_chunk(vae: VAE, batch_size: int, max_elements: int) -> int:
-    per_particle = batch_size * (vae.config.data_dim + vae.config.latent_dim**2)
+    outputs = vae.likelihood.outputs_per_pixel * vae.config.data_dim
+    per_particle = batch_size * (outputs + vae.config.latent_dim**2)
     return max(1, max_elements // per_particle)
 
 
 @torch.no_grad()
 def _batch_statistics(
-    vae: VAE, x: Tensor, num_samples: int, max_elements: int
+    vae: VAE, x: Tensor, num_samples: int, max_elements: int, condition: Tensor | None = None
 ) -> dict[str, Tensor]:
     """logsumexp of the weights and sums of ELBO terms over K draws, each ``(B,)``."""
     lse, sums = [], {"log_lik": 0.0, "kl": 0.0}
     for k in _chunks(num_samples, _particle_chunk(vae, x.shape[0], max_elements)):
-        w = log_weights(vae, x, k)
+        w = log_weights(vae, x, k, condition)
         lse.append(torch.logsumexp(w["log_lik"] + w["log_prior"] - w["log_q"], dim=0))
         sums["log_lik"] = sums["log_lik"] + w["log_lik"].sum(0)
         sums["kl"] = sums["kl"] + (w["log_q"] - w["log_prior"]).sum(0)
@@ -98,15 +104,23 @@ def _batch_statistics(
     return {"log_likelihood": log_px, "reconstruction": recon, "kl": kl, "elbo": recon - kl}
 
 
-def _check(x: Tensor, vae: VAE, num_samples: int) -> None:
+def _check(x: Tensor, vae: VAE, num_samples: int, condition: Tensor | None = None) -> None:
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if x.dim() != 2 or x.shape[-1] != vae.config.data_dim:
         raise ValueError(f"x must have shape (B, {vae.config.data_dim}), got {tuple(x.shape)}")
+    if condition is not None and condition.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"condition must have shape (B, C) with B = {x.shape[0]}, got {tuple(condition.shape)}"
+        )
 
 
 def log_likelihood(
-    vae: VAE, x: Tensor, num_samples: int = 5000, max_elements: int = MAX_ELEMENTS
+    vae: VAE,
+    x: Tensor,
+    num_samples: int = 5000,
+    max_elements: int = MAX_ELEMENTS,
+    condition: Tensor | None = None,
 ) -> Tensor:
     r"""Importance-sampled log p(x) per datapoint, ``(B,)``, with q(z|x) as proposal.
 
@@ -114,15 +128,22 @@ def log_likelihood(
               \quad z_k \sim q(z|x)
 
     K is processed in chunks holding at most ``max_elements`` particle-pixel values.
+    ``condition`` ``(B, C)`` conditions a conditional VAE.
     """
-    _check(x, vae, num_samples)
-    return _batch_statistics(vae, x, num_samples, max_elements)["log_likelihood"]
+    _check(x, vae, num_samples, condition)
+    return _batch_statistics(vae, x, num_samples, max_elements, condition)["log_likelihood"]
 
 
-def elbo(vae: VAE, x: Tensor, num_samples: int = 1, max_elements: int = MAX_ELEMENTS) -> Tensor:
+def elbo(
+    vae: VAE,
+    x: Tensor,
+    num_samples: int = 1,
+    max_elements: int = MAX_ELEMENTS,
+    condition: Tensor | None = None,
+) -> Tensor:
     """Monte Carlo ELBO per datapoint, ``(B,)``, averaged over ``num_samples`` draws."""
-    _check(x, vae, num_samples)
-    return _batch_statistics(vae, x, num_samples, max_elements)["elbo"]
+    _check(x, vae, num_samples, condition)
+    return _batch_statistics(vae, x, num_samples, max_elements, condition)["elbo"]
 
 
 def evaluate(
@@ -132,22 +153,32 @@ def evaluate(
     batch_size: int = 100,
     max_elements: int = MAX_ELEMENTS,
     progress: bool = False,
+    condition: Tensor | None = None,
 ) -> Evaluation:
     """ELBO, its reconstruction and KL terms, and IS log p(x), averaged over the rows of x.
 
-    All four come from the same K draws per datapoint.
+    All four come from the same K draws per datapoint. x ``(N, P)`` must lie in the support
+    of the VAE's likelihood; ``condition`` ``(N, C)`` conditions a conditional VAE. For
+    continuous likelihoods (``vae.likelihood.discrete`` False) the values are log densities,
+    not comparable with the log probabilities of discrete data.
     """
-    _check(x, vae, num_samples)
+    _check(x, vae, num_samples, condition)
     if x.shape[0] == 0:
         raise ValueError("cannot evaluate on an empty set of images")
+    vae.likelihood.check_data(x, "x")
     totals = dict.fromkeys(("elbo", "reconstruction", "kl", "log_likelihood"), 0.0)
+    conditions = [None] * x.shape[0] if condition is None else condition.split(batch_size)
     was_training = vae.training
     vae.eval()
     try:
-        for batch in tqdm(
-            x.split(batch_size), desc="evaluating", disable=not progress, leave=False
+        for batch, c in tqdm(
+            zip(x.split(batch_size), conditions, strict=False),
+            total=-(-x.shape[0] // batch_size),
+            desc="evaluating",
+            disable=not progress,
+            leave=False,
         ):
-            stats = _batch_statistics(vae, batch, num_samples, max_elements)
+            stats = _batch_statistics(vae, batch, num_samples, max_elements, c)
             for key in totals:
                 totals[key] += float(stats[key].sum())
     finally:

@@ -3,39 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, pyro_method
+from pyro.poutine.runtime import get_plates
 from torch import Tensor, nn
 
 from .guides import GUIDES, make_guide
-from .networks import (
-    ConvDecoder,
-    ConvEncoder,
-    Decoder,
-    GatedMLP,
-    check_hidden_dims,
-)
+from .likelihoods import LIKELIHOODS, make_likelihood
+from .networks import ARCHS, check_hidden_dims, make_arch
 from .priors import LATENTS, PRIORS, make_prior
 from .sphere import VonMisesFisher
-from .validation import check_positive_int
+from .validation import check_key, check_positive_int
 
-__all__ = ["ARCHS", "MAX_LATENT_DIM", "VAE", "VAEConfig"]
+__all__ = ["MAX_LATENT_DIM", "VAE", "ModelDraw", "VAEConfig"]
 
 MAX_LATENT_DIM = 1024
-
-#: Built-in network pairs: ``mlp`` and ``gated`` (any image), ``conv`` (28x28 images only).
-ARCHS = ("mlp", "gated", "conv")
 
 
 @dataclass(frozen=True)
 class VAEConfig:
     """Everything needed to rebuild a VAE; stored in checkpoints and ``config.json``.
+
+    One (key, options) pair per axis of the model: ``guide``, ``prior``, ``likelihood`` and
+    ``arch``, each a key of its registry (``GUIDES``, ``PRIORS``, ``LIKELIHOODS``, ``ARCHS``)
+    with the constructor arguments of that part. The parts declare what they support
+    (latent space, image shape, conditioning); the config checks once that they fit.
 
     Args:
         data_dim: Number of pixels P.
@@ -44,13 +42,22 @@ class VAEConfig:
         guide: Key of ``GUIDES``.
         guide_options: Extra constructor arguments of the guide (e.g. ``num_flows``).
         image_shape: (height, width) for pictures; ``(1, P)`` when unknown.
-        arch: ``mlp`` (softplus layers); ``gated`` (gated linear layers of the same widths,
-            see :class:`~pyro_vae.networks.GatedDense`); or ``conv`` for 28x28 images (conv
-            trunk of width ``hidden_dims[-1]`` and a transposed-conv decoder).
+        arch: Key of ``ARCHS``: ``mlp`` (softplus layers), ``gated`` (gated linear layers of
+            the same widths, see :class:`~pyro_vae.networks.GatedDense`) or ``conv`` for 28x28
+            images (conv trunk of width ``hidden_dims[-1]``, transposed-conv decoder).
         prior: Key of ``PRIORS`` (``standard``, ``mixture``, ``vamp``).
         prior_options: Extra constructor arguments of the prior (e.g. ``num_components``).
-        latent: ``euclidean`` (z in R^D) or ``sphere`` (z on S^{D-1}, uniform prior, only with
-            guide ``vmf``); None picks ``sphere`` for guide ``vmf``, else ``euclidean``.
+        latent: ``euclidean`` (z in R^D) or ``sphere`` (z on S^{D-1}); None takes the space
+            the guide declares (``sphere`` for ``vmf``).
+        likelihood: Key of ``LIKELIHOODS``: ``bernoulli`` (binary pixels),
+            ``continuous-bernoulli`` (intensities in [0, 1]), ``binomial`` (integers 0..L),
+            ``gaussian`` (real values).
+        likelihood_options: Extra constructor arguments of the likelihood (e.g.
+            ``total_count`` of ``binomial``, ``scale`` of ``gaussian``).
+        arch_options: Extra constructor arguments of the network pair (e.g. conv
+            ``channels``).
+        condition_dim: Width C of a conditioning vector (e.g. a one-hot label) fed to encoder
+            and decoder; 0 for an unconditional VAE.
     """
 
     data_dim: int
@@ -63,18 +70,20 @@ class VAEConfig:
     prior: str = "standard"
     prior_options: dict[str, Any] = field(default_factory=dict)
     latent: str | None = None
+    likelihood: str = "bernoulli"
+    likelihood_options: dict[str, Any] = field(default_factory=dict)
+    arch_options: dict[str, Any] = field(default_factory=dict)
+    condition_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in ("data_dim", "latent_dim"):
-            value = getattr(self, name)
-            check_positive_int(name, value)
+            check_positive_int(name, getattr(self, name))
         if self.latent_dim > MAX_LATENT_DIM:
             raise ValueError(f"latent_dim must be <= {MAX_LATENT_DIM}, got {self.latent_dim}")
+        condition = self.condition_dim
+        if isinstance(condition, bool) or not isinstance(condition, int) or condition < 0:
+            raise ValueError(f"condition_dim must be an integer >= 0, got {condition!r}")
         object.__setattr__(self, "hidden_dims", check_hidden_dims(self.hidden_dims))
-        if self.guide not in GUIDES:
-            raise ValueError(
-                f"unknown guide {self.guide!r}; choose one of {', '.join(sorted(GUIDES))}"
-            )
         shape = self.image_shape or (1, self.data_dim)
         shape = tuple(int(s) for s in shape)
         if len(shape) != 2 or shape[0] * shape[1] != self.data_dim:
@@ -82,32 +91,69 @@ class VAEConfig:
                 f"image_shape {self.image_shape!r} does not hold {self.data_dim} pixels"
             )
         object.__setattr__(self, "image_shape", shape)
-        object.__setattr__(self, "guide_options", dict(self.guide_options))
-        object.__setattr__(self, "prior_options", dict(self.prior_options))
+        for name in ("guide", "prior", "likelihood", "arch"):
+            options = getattr(self, f"{name}_options")
+            if not isinstance(options, dict):
+                raise ValueError(f"{name}_options must be a dict, got {options!r}")
+            object.__setattr__(self, f"{name}_options", dict(options))
+        check_key(GUIDES, "guide", self.guide)
         if self.latent is None:
-            object.__setattr__(self, "latent", "sphere" if self.guide == "vmf" else "euclidean")
-        self._check_choices()
+            object.__setattr__(self, "latent", GUIDES[self.guide].latent)
+        self._check_parts()
 
-    def _check_choices(self) -> None:
-        for name, choices in (("arch", ARCHS), ("prior", PRIORS), ("latent", LATENTS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(
-                    f"unknown {name} {getattr(self, name)!r}; choose one of "
-                    f"{', '.join(sorted(choices))}"
-                )
-        if self.arch == "conv" and self.image_shape != (28, 28):
-            raise ValueError(f"arch 'conv' needs 28x28 images, got image_shape {self.image_shape}")
-        if (self.latent == "sphere") != (self.guide == "vmf"):
+    def _check_parts(self) -> None:
+        """Each key is registered and the parts fit together: one error naming both parts."""
+        for name, table in (
+            ("arch", ARCHS),
+            ("prior", PRIORS),
+            ("likelihood", LIKELIHOODS),
+            ("latent", dict.fromkeys(LATENTS)),
+        ):
+            check_key(table, name, getattr(self, name))
+        guide_latent = GUIDES[self.guide].latent
+        if self.latent != guide_latent:
             raise ValueError(
-                f"guide 'vmf' and latent 'sphere' go together, got guide {self.guide!r} "
-                f"with latent {self.latent!r}"
+                f"guide {self.guide!r} and latent {self.latent!r} do not fit: the guide draws "
+                f"z in latent {guide_latent!r}"
             )
-        if self.latent == "sphere" and (self.prior != "standard" or self.prior_options):
+        prior = PRIORS[self.prior]
+        if self.latent not in prior.latents:
             raise ValueError(
-                f"latent 'sphere' has the uniform prior ('standard'), got prior {self.prior!r}"
+                f"prior {self.prior!r} and latent {self.latent!r} do not fit: the prior "
+                f"supports latent {', '.join(repr(space) for space in prior.latents)}"
             )
         if self.latent == "sphere" and self.latent_dim < 2:
             raise ValueError(f"latent 'sphere' needs latent_dim >= 2, got {self.latent_dim}")
+        arch = ARCHS[self.arch]
+        if arch.image_shape is not None and self.image_shape != arch.image_shape:
+            raise ValueError(
+                f"arch {self.arch!r} and image_shape {self.image_shape} do not fit: the arch "
+                f"takes {arch.image_shape[0]}x{arch.image_shape[1]} images"
+            )
+        if self.condition_dim and not arch.conditional:
+            raise ValueError(
+                f"arch {self.arch!r} and condition_dim {self.condition_dim} do not fit: the "
+                "arch takes no conditioning input"
+            )
+
+    def check_data(self, x: Tensor, pixels: str | None = None, where: str = "data") -> None:
+        """ValueError (one line) unless images x ``(N, P)`` (of pixel kind ``pixels``) fit.
+
+        Checks the pixel count, the likelihood's pixel kind and its support.
+        """
+        if x.dim() != 2 or x.shape[-1] != self.data_dim:
+            raise ValueError(
+                f"{where}: images must have shape (N, {self.data_dim}), got {tuple(x.shape)}"
+            )
+        kind = LIKELIHOODS[self.likelihood].pixels
+        if pixels is not None and pixels != kind:
+            raise ValueError(
+                f"likelihood {self.likelihood!r} and {where} do not fit: the likelihood scores "
+                f"{kind} pixels, the data hold {pixels} pixels"
+            )
+        make_likelihood(self.likelihood, self.data_dim, **self.likelihood_options).check_data(
+            x, where
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (lists instead of tuples)."""
@@ -119,6 +165,8 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> VAEConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a VAEConfig is a dict of fields, got {type(values).__name__}")
         names = set(cls.__dataclass_fields__)
         unknown = set(values) - names
         if unknown:
@@ -130,24 +178,46 @@ class VAEConfig:
         return cls(**values)
 
 
-class VAE(PyroModule):
-    r"""Variational autoencoder with a swappable amortized guide and prior.
+class ModelDraw(NamedTuple):
+    """What :meth:`VAE.model` returns: latents z ``(*, B, D)`` and images x ``(*, B, P)``."""
 
-    .. math:: p(x, z) = p(z) \prod_p \mathrm{Bernoulli}(x_p; \sigma(f(z))_p)
+    z: Tensor
+    x: Tensor
+
+
+def _join(a: Tensor, b: Tensor | None) -> Tensor:
+    """[a, b] along the last dim after broadcasting the leading dims; a alone when b is None."""
+    if b is None:
+        return a
+    lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    return torch.cat([a.expand(*lead, a.shape[-1]), b.to(a).expand(*lead, b.shape[-1])], -1)
+
+
+class VAE(PyroModule):
+    r"""Variational autoencoder assembled from registered parts.
+
+    .. math:: p(x, z \mid c) = p(z) \prod_p p(x_p \mid f_p(z, c))
+
+    with the prior p(z) from ``PRIORS``, the likelihood p(x_p | .) from ``LIKELIHOODS``, the
+    decoder f from ``ARCHS`` and the guide q(z | x, c) from ``GUIDES``. c is an optional
+    conditioning vector (``config.condition_dim`` > 0), concatenated to the input of the
+    encoder and the decoder.
 
     ``model`` and ``guide`` share one signature. Sites: ``f"{name}.z"`` (latent, event dim 1),
-    ``f"{name}.x"`` (observed pixels, event dim 1), both in the plate ``f"{name}.data"`` (dim -1).
-    x may carry leading dims ``(*, B, P)`` for outer plates at dims -2, -3, ...; then z is
-    ``(*, B, D)``.
+    ``f"{name}.x"`` (observed pixels, event dim 1), both in the plate ``f"{name}.data"`` (dim
+    -1). A program that opens that plate itself (``with vae.plate(x): ...``) can put its own
+    sites in it; ``model`` and ``guide`` called inside reuse it. x may carry leading dims
+    ``(*, B, P)`` for outer plates at dims -2, -3, ...; then z is ``(*, B, D)``.
 
     Args:
-        config: Sizes, networks, guide family and prior.
+        config: Sizes and the part of each axis.
         name: Prefix of every Pyro site, plate and parameter, so two VAEs can share a program.
         encoder: A custom guide network replacing the configured one: ``forward(x)`` maps
-            ``(*, B, P)`` to a distribution with batch ``(*, B)`` and event ``(D,)``.
-        decoder: A custom decoder: Bernoulli logits ``(*, P)`` for z ``(*, D)``.
-        trunk: A custom encoder trunk ``(*, P) -> (*, C)`` for the configured guide family
-            (C = ``trunk.out_dim``); ignored when ``encoder`` is given.
+            ``(*, B, P + C)`` to a distribution with batch ``(*, B)`` and event ``(D,)``.
+        decoder: A custom decoder: ``(*, D + C) -> (*, k P)``, the raw parameters of the
+            likelihood (k = ``vae.likelihood.outputs_per_pixel``; Bernoulli logits for k = 1).
+        trunk: A custom encoder trunk ``(*, P + C) -> (*, H)`` for the configured guide family
+            (H = ``trunk.out_dim``); ignored when ``encoder`` is given.
 
     Checkpoints store the config and weights only: a VAE with custom networks is rebuilt by
     constructing it the same way and calling ``load_state_dict``.
@@ -170,32 +240,32 @@ class VAE(PyroModule):
             if module is not None and not isinstance(module, nn.Module):
                 raise TypeError(f"{role} must be an nn.Module, got {type(module).__name__}")
         self.config, self.prefix = config, name
-        conv = config.arch == "conv"
-        gated = config.arch == "gated"
-        if trunk is None and conv:
-            trunk = ConvEncoder(config.hidden_dims[-1], image_shape=config.image_shape)
-        if trunk is None and gated:
-            trunk = GatedMLP(config.data_dim, config.hidden_dims)
+        likelihood = make_likelihood(
+            config.likelihood, config.data_dim, **config.likelihood_options
+        )
+        arch = make_arch(config.arch, **config.arch_options)
+        in_dim = config.data_dim + config.condition_dim
+        if trunk is None:
+            trunk = arch.trunk(in_dim, config.hidden_dims, config.image_shape)
         if encoder is None:
             encoder = make_guide(
                 config.guide,
-                config.data_dim,
+                in_dim,
                 config.latent_dim,
                 config.hidden_dims,
                 trunk=trunk,
                 **config.guide_options,
             )
         self.encoder = encoder
-        if decoder is None and conv:
-            decoder = ConvDecoder(config.latent_dim, config.hidden_dims[-1])
         if decoder is None:
-            decoder = Decoder(
-                config.latent_dim,
+            decoder = arch.decoder(
+                config.latent_dim + config.condition_dim,
                 tuple(reversed(config.hidden_dims)),
-                config.data_dim,
-                gated=gated,
+                likelihood.outputs_per_pixel * config.data_dim,
+                config.image_shape,
             )
         self.decoder = decoder
+        self.likelihood = likelihood
         self.latent_prior = make_prior(
             config.prior,
             config.latent_dim,
@@ -226,14 +296,19 @@ class VAE(PyroModule):
         """The submodule ``name``, through a ``pyro.module`` statement unless switched off."""
         return getattr(self, name) if self._param_statements else self._modules[name]
 
-    def _plate(
+    def plate(
         self,
-        x: Tensor | None,
-        batch_size: int | None,
-        num_data: int | None,
-        subsample: Tensor | None,
+        x: Tensor | None = None,
+        batch_size: int | None = None,
+        num_data: int | None = None,
+        subsample: Tensor | None = None,
     ) -> pyro.plate:
-        """The data plate: size num_data (default: the batch) with the batch as subsample."""
+        """The data plate ``f"{prefix}.data"`` at dim -1 for x ``(*, B, P)`` or ``batch_size``.
+
+        Sized ``num_data`` (default: the batch) with the batch as subsample (default
+        ``arange(B)``), so a minibatch estimates the full-data ELBO. Open it to add your own
+        sites beside the VAE's: ``with vae.plate(x): y = pyro.sample(...); vae.model(x, ...)``.
+        """
         if x is not None and x.dim() < 2:
             raise ValueError(f"x must have shape (*, B, P), got {tuple(x.shape)}")
         n = batch_size if x is None else x.shape[-2]
@@ -247,9 +322,40 @@ class VAE(PyroModule):
             subsample = torch.arange(n, device=self.prior_loc.device)
         return pyro.plate(f"{self.prefix}.data", num_data, subsample=subsample, dim=-1)
 
+    def _data_plate(
+        self,
+        x: Tensor | None,
+        batch_size: int | None,
+        num_data: int | None,
+        subsample: Tensor | None,
+    ) -> pyro.plate | nullcontext:
+        """The open data plate when the caller opened it, else a new one (:meth:`plate`)."""
+        name = f"{self.prefix}.data"
+        frame = next((f for f in get_plates() if f.name == name), None)
+        if frame is None:
+            return self.plate(x, batch_size, num_data, subsample)
+        n = batch_size if x is None else x.shape[-2]
+        if n is not None and n != frame.size:
+            raise ValueError(f"the open plate {name!r} holds {frame.size} images, x has {n}")
+        return nullcontext()
+
+    def _check_condition(self, condition: Tensor | None) -> None:
+        width = self.config.condition_dim
+        if width and condition is None:
+            raise ValueError(f"this VAE is conditional: pass condition of shape (*, B, {width})")
+        if condition is not None and (not width or condition.shape[-1] != width):
+            raise ValueError(
+                f"condition must have shape (*, B, {width}) (config.condition_dim), "
+                f"got {tuple(condition.shape)}"
+            )
+
     def prior(self) -> dist.Distribution:
         """p(z) from ``config.prior``: batch shape ``()``, event shape ``(D,)``."""
         return self._network("latent_prior")()
+
+    def likelihood_of(self, z: Tensor, condition: Tensor | None = None) -> dist.Distribution:
+        """p(x | z, c): batch ``(*, P)`` for z ``(*, D)`` (no event dim; see ``model``)."""
+        return self._network("likelihood")(self._network("decoder")(_join(z, condition)))
 
     @pyro_method
     def model(
@@ -260,21 +366,29 @@ class VAE(PyroModule):
         subsample: Tensor | None = None,
         prior: dist.Distribution | None = None,
         mask: Tensor | None = None,
-    ) -> Tensor:
-        """p(z) p(x|z) for x ``(*, B, P)`` (or ``batch_size`` fresh images); returns x.
+        condition: Tensor | None = None,
+    ) -> ModelDraw:
+        """p(z) p(x | z, c) for x ``(*, B, P)`` (or ``batch_size`` fresh images).
 
         ``num_data`` sizes the plate to the whole dataset so the minibatch ELBO is scaled by
         N / B; ``subsample`` gives the batch's indices in it (default ``arange(B)``).
         ``prior`` replaces p(z) for this call (event ``(D,)``, batch broadcastable to the
         plates), e.g. N(c_g, s^2 I) from a group latent of an outer model. ``mask``
         ``(*, B, P)`` (bool) keeps only the log-likelihood of the pixels where it is True.
+        ``condition`` ``(*, B, C)`` is the conditioning vector of a conditional VAE (leading
+        dims broadcast, e.g. an enumerated label).
+
+        Returns:
+            ``ModelDraw(z, x)``: the latent and the (observed or drawn) images.
         """
-        with self._plate(x, batch_size, num_data, subsample):
+        self._check_condition(condition)
+        with self._data_plate(x, batch_size, num_data, subsample):
             z = pyro.sample(f"{self.prefix}.z", self.prior() if prior is None else prior)
-            likelihood = dist.Bernoulli(logits=self._network("decoder")(z))
+            likelihood = self.likelihood_of(z, condition)
             if mask is not None:
                 likelihood = likelihood.mask(mask)
-            return pyro.sample(f"{self.prefix}.x", likelihood.to_event(1), obs=x)
+            x = pyro.sample(f"{self.prefix}.x", likelihood.to_event(1), obs=x)
+        return ModelDraw(z, x)
 
     @pyro_method
     def guide(
@@ -285,40 +399,49 @@ class VAE(PyroModule):
         subsample: Tensor | None = None,
         prior: dist.Distribution | None = None,
         mask: Tensor | None = None,
+        condition: Tensor | None = None,
     ) -> Tensor:
-        """q(z|x) for x ``(*, B, P)``; returns z ``(*, B, D)``.
+        """q(z | x, c) for x ``(*, B, P)``; returns z ``(*, B, D)``.
 
         ``prior`` and ``mask`` are ignored: they are accepted so that SVI can pass the
         model's arguments unchanged.
         """
         if x is None:
             raise ValueError("the guide needs the observed images x")
-        with self._plate(x, batch_size, num_data, subsample):
-            return pyro.sample(f"{self.prefix}.z", self._network("encoder")(x))
+        self._check_condition(condition)
+        with self._data_plate(x, batch_size, num_data, subsample):
+            return pyro.sample(f"{self.prefix}.z", self._network("encoder")(_join(x, condition)))
 
     @torch.no_grad()
-    def decode(self, z: Tensor) -> Tensor:
-        """Pixel probabilities ``(*, P)`` for latents ``(*, D)``."""
-        return torch.sigmoid(self.decoder(z))
+    def decode(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
+        """E[x | z, c] ``(*, P)`` for latents ``(*, D)`` (pixel probabilities for Bernoulli)."""
+        self._check_condition(condition)
+        return self.likelihood.mean(self.decoder(_join(z, condition)))
 
     @torch.no_grad()
-    def sample_images(self, num_images: int, generator: torch.Generator | None = None) -> Tensor:
-        """Pixel probabilities ``(n, P)`` of images decoded from prior samples."""
+    def sample_images(
+        self,
+        num_images: int,
+        generator: torch.Generator | None = None,
+        condition: Tensor | None = None,
+    ) -> Tensor:
+        """Means ``(n, P)`` of images decoded from prior samples (``condition`` ``(n, C)``)."""
         device = self.prior_loc.device
         seed = int(torch.randint(2**62, (), generator=generator))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)  # local to this block: the global RNG state is restored
             z = self.prior().sample((num_images,))
-        return self.decode(z)
+        return self.decode(z, condition)
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Pixel probabilities ``(B, P)`` decoded from the mean of q(z|x) (a sample for flows)."""
-        posterior = self.encoder(x)
+    def reconstruct(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        """Means ``(B, P)`` decoded from the mean of q(z | x, c) (a sample for flows)."""
+        self._check_condition(condition)
+        posterior = self.encoder(_join(x, condition))
         if isinstance(posterior, VonMisesFisher):
-            return self.decode(posterior.loc)  # the mode; the mean lies inside the sphere
+            return self.decode(posterior.loc, condition)  # the mode; the mean is inside the sphere
         try:
             z = posterior.mean
         except NotImplementedError:  # flows have no closed-form mean: use one sample
             z = posterior.sample()
-        return self.decode(z)
+        return self.decode(z, condition)

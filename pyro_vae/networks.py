@@ -1,20 +1,33 @@
-"""Network building blocks (MLP, gated MLP, 28x28 conv); each maps the last dim, any lead shape."""
+"""Networks: the ARCHS registry of encoder-trunk/decoder pairs and their building blocks.
+
+Every network maps the last dim and accepts any leading shape.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .validation import check_key, registrar
+
 __all__ = [
+    "ARCHS",
     "MLP",
     "ConvDecoder",
     "ConvEncoder",
     "Decoder",
     "GatedDense",
     "GatedMLP",
+    "GatedNetworks",
+    "ConvNetworks",
+    "MLPNetworks",
+    "NetworkPair",
     "check_hidden_dims",
+    "make_arch",
+    "register_arch",
 ]
 
 
@@ -49,12 +62,12 @@ class MLP(nn.Sequential):
 
 
 class Decoder(nn.Module):
-    """Bernoulli logits of the pixels given z: ``(*, D) -> (*, P)``.
+    """The likelihood's parameters given z: ``(*, D) -> (*, P)`` (e.g. Bernoulli logits).
 
     Args:
-        latent_dim: Latent size D.
+        latent_dim: Latent size D (plus the conditioning width of a conditional VAE).
         hidden_dims: Hidden widths, from z to pixels.
-        data_dim: Number of pixels P.
+        data_dim: Number of outputs (P times the likelihood's outputs per pixel).
         gated: Gated hidden layers (:class:`GatedMLP`) instead of softplus ones; the output
             layer is linear either way.
     """
@@ -149,15 +162,17 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Bernoulli logits of 28x28 images given z: ``(*, D) -> (*, 784)``.
+    """The likelihood's parameters for 28x28 images given z: ``(*, D) -> (*, k 784)``.
 
-    A linear layer to a 7x7 feature map, then two transposed convolutions (7 -> 14 -> 28).
+    A linear layer to a 7x7 feature map, then two transposed convolutions (7 -> 14 -> 28)
+    to k output maps, flattened map after map (k = 1: Bernoulli logits).
 
     Args:
         latent_dim: Latent size D.
         hidden_dim: Width of the first linear layer.
         channels: Channels of the 7x7 and 14x14 feature maps.
         image_shape: (height, width); must be (28, 28).
+        out_channels: Output maps k (the likelihood's outputs per pixel).
     """
 
     def __init__(
@@ -166,24 +181,131 @@ class ConvDecoder(nn.Module):
         hidden_dim: int = 256,
         channels: Sequence[int] = (64, 32),
         image_shape: Sequence[int] = (28, 28),
+        out_channels: int = 1,
     ) -> None:
         super().__init__()
         _check_conv_shape(image_shape)
         c1, c2 = check_hidden_dims(channels)
-        self.c1 = c1
+        self.c1, self.out_channels = c1, out_channels
         self.fc = MLP(latent_dim, (hidden_dim,), c1 * 7 * 7, final_activation=True)
         self.net = nn.Sequential(
             nn.ConvTranspose2d(c1, c2, 4, stride=2, padding=1),  # 7 -> 14
             nn.Softplus(),
-            nn.ConvTranspose2d(c2, 1, 4, stride=2, padding=1),  # 14 -> 28
+            nn.ConvTranspose2d(c2, out_channels, 4, stride=2, padding=1),  # 14 -> 28
         )
 
     def forward(self, z: Tensor) -> Tensor:
         flat, lead = _flat(z, 1)
         h = self.fc(flat).reshape(-1, self.c1, 7, 7)
-        return self.net(h).reshape(*lead, 28 * 28)
+        return self.net(h).reshape(*lead, self.out_channels * 28 * 28)
 
 
 def _check_conv_shape(image_shape: Sequence[int]) -> None:
     if tuple(image_shape) != (28, 28):
         raise ValueError(f"the conv networks take 28x28 images, got image_shape {image_shape!r}")
+
+
+# ---------------------------------------------------------------- the ARCHS registry
+
+#: Registry of network pairs, key -> class; the CLI's ``--arch`` choices read it.
+ARCHS: dict[str, type[NetworkPair]] = {}
+
+#: ``@register_arch("key")``: class decorator adding a network pair to ``ARCHS``.
+register_arch = registrar(ARCHS, "arch")
+
+
+class NetworkPair:
+    """An encoder trunk and a decoder built for one model; constructor kwargs are options.
+
+    A part declares what it supports as class attributes: ``image_shape`` (the only
+    (height, width) it takes, None for any) and ``conditional`` (whether its networks can
+    take a conditioning vector concatenated to their input).
+    """
+
+    key: str = ""
+    image_shape: tuple[int, int] | None = None
+    conditional: bool = True
+
+    def trunk(
+        self, in_dim: int, hidden_dims: Sequence[int], image_shape: tuple[int, int]
+    ) -> nn.Module | None:
+        """Encoder trunk ``(*, in_dim) -> (*, C)`` with ``out_dim`` C; None: the guide's MLP."""
+        return None
+
+    def decoder(
+        self,
+        in_dim: int,
+        hidden_dims: Sequence[int],
+        out_dim: int,
+        image_shape: tuple[int, int],
+    ) -> nn.Module:
+        """Decoder ``(*, in_dim) -> (*, out_dim)``; ``hidden_dims`` run from z to pixels."""
+        raise NotImplementedError
+
+
+@register_arch("mlp")
+class MLPNetworks(NetworkPair):
+    """Softplus MLPs: each guide family's own MLP trunk and a mirrored :class:`Decoder`."""
+
+    def decoder(
+        self, in_dim: int, hidden_dims: Sequence[int], out_dim: int, image_shape: tuple[int, int]
+    ) -> nn.Module:
+        return Decoder(in_dim, hidden_dims, out_dim)
+
+
+@register_arch("gated")
+class GatedNetworks(NetworkPair):
+    """Gated linear layers of the same widths (:class:`GatedDense`) in trunk and decoder."""
+
+    def trunk(
+        self, in_dim: int, hidden_dims: Sequence[int], image_shape: tuple[int, int]
+    ) -> nn.Module:
+        return GatedMLP(in_dim, hidden_dims)
+
+    def decoder(
+        self, in_dim: int, hidden_dims: Sequence[int], out_dim: int, image_shape: tuple[int, int]
+    ) -> nn.Module:
+        return Decoder(in_dim, hidden_dims, out_dim, gated=True)
+
+
+@register_arch("conv")
+class ConvNetworks(NetworkPair):
+    """28x28 images: a conv trunk of width ``hidden_dims[-1]`` and a transposed-conv decoder.
+
+    Args:
+        channels: Channels of the trunk's two convolutions (the decoder mirrors them).
+    """
+
+    image_shape = (28, 28)
+    conditional = False
+
+    def __init__(self, channels: Sequence[int] = (32, 64)) -> None:
+        self.channels = check_hidden_dims(channels)
+        if len(self.channels) != 2:
+            raise ValueError(f"channels must be two widths, got {channels!r}")
+
+    def trunk(
+        self, in_dim: int, hidden_dims: Sequence[int], image_shape: tuple[int, int]
+    ) -> nn.Module:
+        return ConvEncoder(hidden_dims[-1], self.channels, image_shape)
+
+    def decoder(
+        self, in_dim: int, hidden_dims: Sequence[int], out_dim: int, image_shape: tuple[int, int]
+    ) -> nn.Module:
+        pixels = image_shape[0] * image_shape[1]
+        return ConvDecoder(
+            in_dim,
+            hidden_dims[0],
+            tuple(reversed(self.channels)),
+            image_shape,
+            out_channels=out_dim // pixels,
+        )
+
+
+def make_arch(key: str, **options: Any) -> NetworkPair:
+    """The network pair registered under ``key``; ``options`` go to its constructor."""
+    check_key(ARCHS, "arch", key)
+    try:
+        return ARCHS[key](**options)
+    except TypeError as error:
+        raise ValueError(f"bad options {options!r} for arch {key!r}: {error}") from None

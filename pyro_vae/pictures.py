@@ -38,13 +38,21 @@ def save_image_grid(
     image_shape: tuple[int, int],
     columns: int | None = None,
     min_size: int = 256,
+    value_range: tuple[float, float] | None = (0.0, 1.0),
 ) -> Path:
     """Write images ``(n, P)`` (or ``(R, C, P)``) as a grey PNG grid; returns the path.
 
-    Small images are enlarged by whole-pixel repetition so the file is at least ``min_size``
-    pixels wide.
+    Pixel values in ``value_range`` (low, high) map to black..white (e.g. ``(0, 16)`` for
+    binomial means of 17-level images); None uses the images' own smallest and largest
+    values. Small images are enlarged by whole-pixel repetition so the file is at least
+    ``min_size`` pixels wide.
     """
     from matplotlib.image import imsave
+
+    images = images.detach().float().cpu()
+    low, high = value_range or (float(images.min()), float(images.max()))
+    if (low, high) != (0.0, 1.0):
+        images = (images - low) / max(high - low, 1e-12)
 
     if images.dim() == 2:
         n = images.shape[0]

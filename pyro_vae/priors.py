@@ -20,7 +20,6 @@ __all__ = [
     "GaussianMixturePrior",
     "LatentPrior",
     "StandardNormalPrior",
-    "UniformSpherePrior",
     "VampPrior",
     "make_prior",
     "register_prior",
@@ -29,7 +28,7 @@ __all__ = [
 #: Latent spaces: ``euclidean`` (R^D) or ``sphere`` (the unit sphere S^{D-1} in R^D).
 LATENTS = ("euclidean", "sphere")
 
-#: Registry of priors on R^D, key -> class; the CLI's ``--prior`` choices read it.
+#: Registry of priors p(z), key -> class; the CLI's ``--prior`` choices read it.
 PRIORS: dict[str, type[LatentPrior]] = {}
 
 
@@ -41,10 +40,13 @@ class LatentPrior(nn.Module):
     """A prior module: ``forward()`` returns p(z) with batch shape ``()``, event ``(D,)``.
 
     Constructors take ``(latent_dim, encoder)`` first; further arguments have defaults.
-    ``encoder`` is the VAE's guide network (only the VampPrior uses it).
+    ``encoder`` is the VAE's guide network (only the VampPrior uses it). The class attribute
+    ``latents`` declares the latent spaces a prior supports; a prior supporting more than
+    ``euclidean`` takes the space as its ``latent`` argument.
     """
 
     key: str = ""
+    latents: tuple[str, ...] = ("euclidean",)
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
@@ -62,33 +64,46 @@ def make_prior(
     latent: str = "euclidean",
     **options: Any,
 ) -> LatentPrior:
-    """Build the prior registered under ``key``; on the sphere only ``standard`` (uniform)."""
+    """Build the prior registered under ``key`` for the latent space ``latent``."""
     if latent not in LATENTS:
         raise ValueError(f"unknown latent {latent!r}; choose one of {', '.join(LATENTS)}")
     check_key(PRIORS, "prior", key)
-    if latent == "sphere":
-        if key != "standard" or options:
-            raise ValueError(
-                f"latent 'sphere' takes only prior 'standard' (uniform on the sphere) without "
-                f"options, got prior {key!r} with options {options!r}"
-            )
-        return UniformSpherePrior(latent_dim)
+    cls = PRIORS[key]
+    if latent not in cls.latents:
+        raise ValueError(
+            f"prior {key!r} and latent {latent!r} do not fit: the prior supports latent "
+            f"{', '.join(repr(space) for space in cls.latents)}"
+        )
+    if len(cls.latents) > 1:
+        options = {**options, "latent": latent}
     try:
-        return PRIORS[key](latent_dim, encoder, **options)
+        return cls(latent_dim, encoder, **options)
     except TypeError as error:
         raise ValueError(f"bad options {options!r} for prior {key!r}: {error}") from None
 
 
 @register_prior("standard")
 class StandardNormalPrior(LatentPrior):
-    """p(z) = N(0, I), held in (non-persistent) buffers so it follows ``.to(device)``."""
+    """p(z) = N(0, I) on R^D, or uniform on the unit sphere S^{D-1} for ``latent="sphere"``.
 
-    def __init__(self, latent_dim: int, encoder: nn.Module | None = None) -> None:
+    Held in (non-persistent) buffers so it follows ``.to(device)``.
+    """
+
+    latents = ("euclidean", "sphere")
+
+    def __init__(
+        self, latent_dim: int, encoder: nn.Module | None = None, latent: str = "euclidean"
+    ) -> None:
         super().__init__(latent_dim)
+        if latent == "sphere" and latent_dim < 2:
+            raise ValueError(f"latent 'sphere' needs latent_dim >= 2, got {latent_dim}")
+        self.latent = latent
         self.register_buffer("loc", torch.zeros(latent_dim), persistent=False)
         self.register_buffer("scale", torch.ones(latent_dim), persistent=False)
 
     def forward(self) -> Distribution:
+        if self.latent == "sphere":
+            return HypersphericalUniform(self.latent_dim, like=self.loc)
         return StandardNormal(self.loc, self.scale).to_event(1)
 
 
@@ -174,16 +189,3 @@ class VampPrior(LatentPrior):
     def forward(self) -> Distribution:
         locs, scales, _ = self._encoder[0].loc_scale(self.pseudo_inputs)  # (K, D) each
         return DiagonalNormalMixture(locs, scales, locs.new_zeros(locs.shape[:1]))
-
-
-class UniformSpherePrior(LatentPrior):
-    """p(z) uniform on the unit sphere S^{D-1} in R^D (the ``standard`` prior of ``sphere``)."""
-
-    def __init__(self, latent_dim: int) -> None:
-        super().__init__(latent_dim)
-        if latent_dim < 2:
-            raise ValueError(f"latent 'sphere' needs latent_dim >= 2, got {latent_dim}")
-        self.register_buffer("anchor", torch.zeros(()), persistent=False)
-
-    def forward(self) -> Distribution:
-        return HypersphericalUniform(self.latent_dim, like=self.anchor)

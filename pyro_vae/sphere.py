@@ -229,6 +229,8 @@ class VonMisesFisherGuide(AmortizedGuide):
         hidden_dims: Widths of the encoder trunk.
     """
 
+    latent = "sphere"
+
     def __init__(
         self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (400,)
     ) -> None:

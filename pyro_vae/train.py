@@ -307,6 +307,12 @@ def _check_fit_args(
         raise ValueError(
             f"data has {data.data_dim} pixels but the model expects {vae.config.data_dim}"
         )
+    if vae.config.condition_dim:
+        raise ValueError(
+            "fit trains unconditional VAEs; train a conditional one (condition_dim "
+            f"{vae.config.condition_dim}) with Pyro's SVI and vae.model(x, condition=c)"
+        )
+    vae.config.check_data(data.valid, data.pixels, "the validation images")
     if config.batch_size > data.train.shape[0]:
         raise ValueError(
             f"batch_size {config.batch_size} is larger than the training set "

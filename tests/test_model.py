@@ -35,8 +35,9 @@ def test_traced_sites_and_shapes() -> None:
 
 
 def test_model_generates_without_data() -> None:
-    x = _vae().model(batch_size=5)
+    z, x = _vae().model(batch_size=5)
     assert x.shape == (5, 6) and set(x.unique().tolist()) <= {0.0, 1.0}
+    assert z.shape == (5, 3)
 
 
 def test_plate_sized_to_dataset_scales_log_density_by_n_over_b() -> None:

@@ -45,7 +45,7 @@ def test_registry_holds_the_priors_and_refuses_bad_keys() -> None:
         make_prior("mixture", 2, num_parts=3)
     with pytest.raises(ValueError, match="vamp prior needs an encoder"):
         make_prior("vamp", 2)
-    with pytest.raises(ValueError, match="latent 'sphere' takes only prior 'standard'"):
+    with pytest.raises(ValueError, match="prior 'mixture' and latent 'sphere' do not fit"):
         make_prior("mixture", 3, latent="sphere")
 
 
@@ -199,4 +199,4 @@ def test_cli_takes_prior_and_latent_flags(tmp_path: pytest.TempPathFactory, caps
     assert main(["evaluate", str(out), "--num-samples", "5", "--quiet", "--json"]) == 0
     bad = [*common, "--guide", "vmf", "--latent", "euclidean", "--out", str(tmp_path / "bad")]
     assert main(bad) == 2
-    assert "'vmf' and latent 'sphere'" in capsys.readouterr().err
+    assert "guide 'vmf' and latent 'euclidean' do not fit" in capsys.readouterr().err

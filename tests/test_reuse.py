@@ -280,10 +280,12 @@ def test_library_leaves_global_state_alone() -> None:
 
 def test_bad_configurations_are_refused() -> None:
     assert VAEConfig(P, D, (8,), "vmf").latent == "sphere"  # implied by the guide
-    with pytest.raises(ValueError, match="'vmf' and latent 'sphere'"):
+    with pytest.raises(ValueError, match="guide 'vmf' and latent 'euclidean' do not fit"):
         VAEConfig(P, D, (8,), "vmf", latent="euclidean")
-    with pytest.raises(ValueError, match="'vmf' and latent 'sphere'"):
+    with pytest.raises(ValueError, match="guide 'diagonal' and latent 'sphere' do not fit"):
         VAEConfig(P, D, (8,), "diagonal", latent="sphere")
+    with pytest.raises(ValueError, match="prior 'vamp' and latent 'sphere' do not fit"):
+        VAEConfig(P, D, (8,), "vmf", prior="vamp")
     with pytest.raises(ValueError, match="conv.*28x28"):
         VAEConfig(P, D, (8,), "diagonal", arch="conv")
     with pytest.raises(ValueError, match="unknown arch 'cnn'"):

@@ -68,7 +68,8 @@ class AmortizedGuide(nn.Module):
     """Encoder trunk h(x) and a diagonal Gaussian head; ``forward(x)`` returns q(z|x).
 
     Subclasses implement ``__init__`` and ``forward``; ``forward`` returns a distribution with
-    batch shape ``(B,)`` and event shape ``(D,)`` for ``x`` of shape ``(B, P)``.
+    batch shape ``(B,)`` and event shape ``(D,)`` for ``x`` of shape ``(B, P)``. The class
+    attribute ``latent`` declares the space z lives in (``euclidean`` R^D or ``sphere``).
 
     Args:
         data_dim: Number of pixels P.
@@ -77,6 +78,7 @@ class AmortizedGuide(nn.Module):
     """
 
     key: str = ""
+    latent: str = "euclidean"
 
     def __init__(
         self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (400,)
