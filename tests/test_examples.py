@@ -39,10 +39,11 @@ def test_semi_supervised_enumerates_the_label_and_reports_accuracy() -> None:
     x, y = labeled_data(40, 3)
     m2 = m2_script.M2(6, 3, latent_dim=2, hidden_dims=(8,))
     enumerated = poutine.enum(m2.guide, first_available_dim=-2)
-    trace = poutine.trace(enumerated).get_trace(x[:5], x[5:7], y[5:7], (30, 10))
-    assert trace.nodes["m2.unlabeled.y"]["value"].shape == (3, 1)  # all classes, in parallel
-    assert trace.nodes["m2.unlabeled.z"]["value"].shape == (3, 5, 2)
-    assert "m2.labeled.y" not in trace.nodes  # observed in the model, not sampled
+    trace = poutine.trace(enumerated).get_trace(x[:5], num_data=30)
+    assert trace.nodes["m2.y"]["value"].shape == (3, 1)  # all classes, in parallel
+    assert trace.nodes["m2.z"]["value"].shape == (3, 5, 2)
+    trace = poutine.trace(enumerated).get_trace(x[5:7], y[5:7], num_data=10)
+    assert "m2.y" not in trace.nodes  # observed in the model, not sampled
     result = m2_script.run(x[:30], y[:30], x[30:], y[30:], epochs=2, batch_size=10)
     assert result["num_labeled"] == 3 and result["num_unlabeled"] == 27
     assert 0 <= result["test_accuracy"] <= 1 and 0 <= result["labeled_only_accuracy"] <= 1
