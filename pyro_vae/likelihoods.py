@@ -163,9 +163,10 @@ class GaussianLikelihood(Likelihood):
 
     Args:
         data_dim: Number of pixels P.
-        scale: ``learned`` (one free scale per pixel, default), ``decoded`` (the decoder
-            outputs a scale per pixel and image: ``outputs_per_pixel`` = 2), or a positive
-            number (fixed).
+        scale: ``decoded`` (default: the decoder outputs a scale per pixel and image,
+            ``outputs_per_pixel`` = 2), ``learned`` (one free scale per pixel, the same for
+            every image), or a positive number (fixed). On digits and on a standardized
+            real-valued table ``decoded`` gave the best log-likelihood.
         min_scale: Floor of learned and decoded scales, so pixels that never vary (an image's
             border) cannot drive the density to infinity.
         init_scale: Starting value of a learned scale.
@@ -177,7 +178,7 @@ class GaussianLikelihood(Likelihood):
     def __init__(
         self,
         data_dim: int,
-        scale: str | float = "learned",
+        scale: str | float = "decoded",
         min_scale: float = 1e-2,
         init_scale: float = 1.0,
     ) -> None:
