@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
+from script_loader import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_guides.py"
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_guides", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _load_script():  # noqa: ANN202
+    return load_script("benchmark_guides")
 
 
 def test_benchmark_script_writes_a_table(tmp_path, capsys) -> None:

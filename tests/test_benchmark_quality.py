@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import shlex
@@ -12,20 +11,16 @@ from pathlib import Path
 import numpy as np
 import pyro
 import pytest
+from script_loader import load_script
 
 from pyro_vae import evaluate, load_dataset
 from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.cli import main as cli_main
 from pyro_vae.data import DataSpec
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_quality.py"
-
 
 def _load_script():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("benchmark_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_quality")
 
 
 def _valid_elbos(run: Path) -> list[float]:

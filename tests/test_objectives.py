@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,6 +12,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from script_loader import load_script
 from torch.distributions import kl_divergence
 
 from pyro_vae.cli import main
@@ -300,10 +300,7 @@ def test_cli_train_objective_flags(
 def test_gradient_variance_script_smoke(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     status, run = _train(tmp_path)
     assert status == 0
-    path = Path(__file__).resolve().parents[1] / "scripts" / "gradient_variance.py"
-    spec = importlib.util.spec_from_file_location("gradient_variance", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("gradient_variance")
     capsys.readouterr()
     argv = [str(run), "--num-points", "5", "--num-draws", "4", "--copies", "2"]
     assert script.main([*argv, "--out", str(tmp_path / "g.png")]) == 0

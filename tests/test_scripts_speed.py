@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
+from script_loader import load_script
 
 from pyro_vae import VAE, VAEConfig
 from pyro_vae.distributed import ELBOLoss
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
 
 def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name)
 
 
 @pytest.fixture(scope="module")

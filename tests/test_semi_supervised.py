@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pyro
 import pytest
@@ -14,17 +10,7 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
+from script_loader import load_script
 
 semi_supervised = load_script("semi_supervised")
 
