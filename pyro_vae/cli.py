@@ -23,6 +23,7 @@ from .distributed import finish_worker, init_replica
 from .evaluate import evaluate
 from .gaps import inference_gaps
 from .guides import GUIDES, FlowGuide
+from .hierarchy import INFERENCES
 from .likelihoods import LIKELIHOODS
 from .model import VAE, VAEConfig
 from .networks import ARCHS
@@ -90,6 +91,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    if text.strip().lower() in ("0", "0.0"):
+        return 0.0
+    return _positive_float(text)
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(_positive_int(part) for part in text.split(","))
@@ -154,6 +161,28 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     )
     train.add_argument("--latent-dim", type=_positive_int, default=16)
     train.add_argument(
+        "--latent-dims",
+        type=_int_list,
+        default=None,
+        metavar="D1,...,DL",
+        help="L stochastic layers, sizes from z_1 (next to x) to z_L (under --prior); "
+        "replaces --latent-dim",
+    )
+    train.add_argument(
+        "--inference",
+        choices=INFERENCES,
+        default="bottom-up",
+        help="posterior of several layers: bottom-up q(z_1|x) q(z_2|z_1,x)..., or ladder "
+        "(bottom-up pass merged with the top-down pass; diagonal)",
+    )
+    train.add_argument(
+        "--layer-guides",
+        type=_guide_list,
+        default=None,
+        metavar="G1,...,GL",
+        help="guide of each layer, bottom-up (default: --guide for every layer)",
+    )
+    train.add_argument(
         "--arch",
         choices=sorted(ARCHS),
         default="mlp",
@@ -203,6 +232,13 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     )
     _add_objective_args(train)
     _add_recipe_args(train)
+    train.add_argument(
+        "--free-bits",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="NATS",
+        help="keep each latent layer's KL term at NATS per image or more (default 0: off)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     train.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME)")
@@ -537,6 +573,14 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         raise UsageError(f"{run_dir / CONFIG}: not valid JSON ({error})") from None
 
 
+def _layers(config: VAEConfig) -> str:
+    """``"2 layers (40, 40), ladder, "`` for a hierarchy; empty for one layer."""
+    sizes = config.latent_dims
+    if len(sizes) == 1:
+        return ""
+    return f"{len(sizes)} layers {tuple(sizes)}, {config.inference}, "
+
+
 def _stored_data_spec(run_dir: Path, run: dict[str, Any]) -> DataSpec:
     """The DataSpec a run's config.json records."""
     if not isinstance(run.get("data"), dict):
@@ -594,6 +638,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             lr_gamma=args.lr_gamma,
             lr_min=args.lr_min,
             patience=args.patience,
+            free_bits=args.free_bits,
         )
     data = load_dataset(spec)
     if train_config.batch_size > data.train.shape[0]:
@@ -619,6 +664,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 dict(args.likelihood_option), data.train, data.levels
             ),
             arch_options=dict(args.arch_option),
+            latent_dims=args.latent_dims,
+            inference=args.inference,
+            layer_guides=args.layer_guides,
         )
     config.check_data(data.valid, data.pixels, "the validation images")
     replica, device = init_replica(device)  # under torchrun: join the process group
@@ -645,8 +693,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         more = replica.world_size - 1
         print(
-            f"{'resuming' if resuming else 'training'} a VAE ({config.guide} guide, "
-            f"{config.prior} prior, {config.arch} networks, {config.likelihood} likelihood) on "
+            f"{'resuming' if resuming else 'training'} a VAE ({_layers(config)}"
+            f"{config.guide} guide, {config.prior} prior, {config.arch} networks, "
+            f"{config.likelihood} likelihood) on "
             f"{spec.name}: "
             f"{data.train.shape[0]} train / {data.valid.shape[0]} valid images of "
             f"{data.data_dim} pixels, on {device}"
@@ -757,10 +806,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"  likelihood {vae.config.likelihood!r} is a density: these are log densities, "
             "not comparable with log probabilities of discrete data"
         )
+    layers = [(f"  KL of layer {name}", value) for name, value in result.layer_kl.items()]
     for label, value in (
         ("ELBO", result.elbo),
         ("reconstruction E_q log p(x|z)", result.reconstruction),
         ("KL(q(z|x) || p(z))", result.kl),
+        *layers,
         ("IS log p(x)", result.log_likelihood),
         ("gap log p(x) - ELBO", result.gap),
     ):

@@ -42,7 +42,7 @@ class ELBOLoss(nn.Module):
     all ``num_data`` images from the batch x ``(B, P)`` whose indices in the dataset are
     ``subsample`` ``(B,)`` (default: the first B).
 
-    ``beta`` (default 1) weights the latent site ``f"{vae.prefix}.z"`` in both model and guide
+    ``beta`` (default 1) weights the latent sites ``vae.latent_sites`` in both model and guide
     through :class:`~pyro_vae.objectives.scale_latent`: the loss is then
     ``-(E_q log p(x|z) - beta * E_q[log q(z|x) - log p(z)])`` (KL warm-up). A compiled
     ``JitTrace_ELBO`` takes beta = 1 only.
@@ -55,7 +55,7 @@ class ELBOLoss(nn.Module):
     def __init__(self, vae: VAE, elbo: ELBO) -> None:
         super().__init__()
         self.vae, self.elbo = vae, elbo
-        self.beta, self._site = 1.0, f"{vae.prefix}.z"
+        self.beta, self._sites = 1.0, vae.latent_sites
         # bound once: JitTrace_ELBO keys its compiled graph on id(model) and id(guide)
         self._model, self._guide = vae.model, vae.guide
         self._param_state: dict | None = None
@@ -67,7 +67,7 @@ class ELBOLoss(nn.Module):
         if subsample is not None:
             kwargs["subsample"] = subsample
         if not isinstance(self.elbo, JitTrace_ELBO):
-            weight = nullcontext() if self.beta == 1.0 else scale_latent(self._site, self.beta)
+            weight = nullcontext() if self.beta == 1.0 else scale_latent(self._sites, self.beta)
             # the optimizer holds this module's parameters: no param statements needed
             with weight, self.vae.without_param_statements():
                 return self.elbo.differentiable_loss(self._model, self._guide, x, **kwargs)

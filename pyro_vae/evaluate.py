@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pyro
 import torch
@@ -30,14 +31,19 @@ class Evaluation:
     log_likelihood: float
     num_samples: int
     num_points: int
+    layer_kl: dict[str, float] = field(default_factory=dict)
 
     @property
     def gap(self) -> float:
         """log p(x) - ELBO, an estimate of E_x KL(q(z|x) || p(z|x)) >= 0."""
         return self.log_likelihood - self.elbo
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {**asdict(self), "gap": self.gap}
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with the gap; ``layer_kl`` (per layer of a hierarchy) only when set."""
+        out = {**asdict(self), "gap": self.gap}
+        if not self.layer_kl:
+            del out["layer_kl"]
+        return out
 
 
 def _site_log_prob(site: dict) -> Tensor:
@@ -55,7 +61,8 @@ def log_weights(
 
     Returns a dict with ``log_lik`` = log p(x|z) (observed sites), ``log_prior`` = log p(z)
     (latent model sites) and ``log_q`` = log q(z|x); the importance log weight is
-    ``log_lik + log_prior - log_q``. Scales from subsampling plates or annealing are ignored.
+    ``log_lik + log_prior - log_q``. ``kl:NAME`` is log q - log p of each latent site NAME
+    (one per layer of a hierarchy). Scales from subsampling plates or annealing are ignored.
     ``condition`` ``(B, C)`` conditions a conditional VAE.
     """
     kwargs = {} if condition is None else {"condition": condition}
@@ -66,15 +73,18 @@ def log_weights(
     zero = x.new_zeros(num_particles, x.shape[0])
     out = {"log_lik": zero, "log_prior": zero, "log_q": zero}
     for key, trace in (("model", model_trace), ("guide", guide_trace)):
-        for site in trace.nodes.values():
+        for name, site in trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
+            log_p = _site_log_prob(site)
             if key == "guide":
-                out["log_q"] = out["log_q"] + _site_log_prob(site)
+                out["log_q"] = out["log_q"] + log_p
+                out[f"kl:{name}"] = out.get(f"kl:{name}", zero) + log_p
             elif site["is_observed"]:
-                out["log_lik"] = out["log_lik"] + _site_log_prob(site)
+                out["log_lik"] = out["log_lik"] + log_p
             else:
-                out["log_prior"] = out["log_prior"] + _site_log_prob(site)
+                out["log_prior"] = out["log_prior"] + log_p
+                out[f"kl:{name}"] = out.get(f"kl:{name}", zero) - log_p
     return out
 
 
@@ -99,9 +109,19 @@ def _batch_statistics(
         lse.append(torch.logsumexp(w["log_lik"] + w["log_prior"] - w["log_q"], dim=0))
         sums["log_lik"] = sums["log_lik"] + w["log_lik"].sum(0)
         sums["kl"] = sums["kl"] + (w["log_q"] - w["log_prior"]).sum(0)
+        if len(vae.latent_sites) > 1:
+            for name in vae.latent_sites:
+                sums[f"kl:{name}"] = sums.get(f"kl:{name}", 0.0) + w[f"kl:{name}"].sum(0)
     log_px = torch.logsumexp(torch.stack(lse), dim=0) - math.log(num_samples)
-    recon, kl = sums["log_lik"] / num_samples, sums["kl"] / num_samples
-    return {"log_likelihood": log_px, "reconstruction": recon, "kl": kl, "elbo": recon - kl}
+    means = {key: value / num_samples for key, value in sums.items()}
+    recon, kl = means.pop("log_lik"), means.pop("kl")
+    return {
+        "log_likelihood": log_px,
+        "reconstruction": recon,
+        "kl": kl,
+        "elbo": recon - kl,
+        **means,
+    }
 
 
 def _check(x: Tensor, vae: VAE, num_samples: int, condition: Tensor | None = None) -> None:
@@ -179,11 +199,19 @@ def evaluate(
             leave=False,
         ):
             stats = _batch_statistics(vae, batch, num_samples, max_elements, c)
-            for key in totals:
-                totals[key] += float(stats[key].sum())
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + float(value.sum())
     finally:
         vae.train(was_training)
     n = x.shape[0]
+    layers = {
+        key.split(":", 1)[1].removeprefix(f"{vae.prefix}."): totals.pop(key) / n
+        for key in list(totals)
+        if key.startswith("kl:")
+    }
     return Evaluation(
-        **{k: v / n for k, v in totals.items()}, num_samples=num_samples, num_points=n
+        **{k: v / n for k, v in totals.items()},
+        num_samples=num_samples,
+        num_points=n,
+        layer_kl=layers,
     )

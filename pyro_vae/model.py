@@ -15,8 +15,16 @@ from pyro.poutine.runtime import get_plates
 from torch import Tensor, nn
 
 from .guides import GUIDES, make_guide
+from .hierarchy import (
+    INFERENCES,
+    BottomUpPosterior,
+    GaussianLayer,
+    LadderPosterior,
+    join,
+    merge_gaussians,
+)
 from .likelihoods import LIKELIHOODS, make_likelihood
-from .networks import ARCHS, check_hidden_dims, make_arch
+from .networks import ARCHS, NetworkPair, check_hidden_dims, make_arch
 from .priors import LATENTS, PRIORS, make_prior
 from .sphere import VonMisesFisher
 from .validation import check_key, check_positive_int
@@ -58,6 +66,14 @@ class VAEConfig:
             ``channels``).
         condition_dim: Width C of a conditioning vector (e.g. a one-hot label) fed to encoder
             and decoder; 0 for an unconditional VAE.
+        latent_dims: Sizes of L stochastic layers from z_1 (next to x) to z_L (the top, under
+            ``prior``): p(z_L) p(z_{L-1} | z_L) ... p(x | z_1) with Gaussian layers. None: one
+            layer of ``latent_dim``; given, ``latent_dim`` is ``latent_dims[0]``.
+        inference: How an L-layer posterior is built: ``bottom-up``, q(z_1|x) q(z_2|z_1, x)
+            ..., each layer a guide of ``layer_guides``; or ``ladder``, the bottom-up pass
+            merged with the generative top-down pass (Sonderby et al. 2016; diagonal only).
+        layer_guides: Guide key of each layer (bottom-up); None: ``guide`` for every layer.
+            ``guide_options`` go to the layers whose key is ``guide``.
     """
 
     data_dim: int
@@ -74,12 +90,13 @@ class VAEConfig:
     likelihood_options: dict[str, Any] = field(default_factory=dict)
     arch_options: dict[str, Any] = field(default_factory=dict)
     condition_dim: int = 0
+    latent_dims: tuple[int, ...] | None = None
+    inference: str = "bottom-up"
+    layer_guides: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("data_dim", "latent_dim"):
-            check_positive_int(name, getattr(self, name))
-        if self.latent_dim > MAX_LATENT_DIM:
-            raise ValueError(f"latent_dim must be <= {MAX_LATENT_DIM}, got {self.latent_dim}")
+        self._normalize_layers()
+        check_positive_int("data_dim", self.data_dim)
         condition = self.condition_dim
         if isinstance(condition, bool) or not isinstance(condition, int) or condition < 0:
             raise ValueError(f"condition_dim must be an integer >= 0, got {condition!r}")
@@ -100,6 +117,46 @@ class VAEConfig:
         if self.latent is None:
             object.__setattr__(self, "latent", GUIDES[self.guide].latent)
         self._check_parts()
+
+    def _normalize_layers(self) -> None:
+        """latent_dims as a tuple (one layer: ``(latent_dim,)``), layer_guides one per layer."""
+        sizes = (self.latent_dim,) if self.latent_dims is None else self.latent_dims
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (tuple, list)) or not sizes:
+            raise ValueError(f"latent_dims must be one or more sizes, got {self.latent_dims!r}")
+        name = "latent_dim" if self.latent_dims is None else "latent_dims"
+        for size in sizes:
+            check_positive_int(name, size)
+            if size > MAX_LATENT_DIM:
+                raise ValueError(f"{name} must be <= {MAX_LATENT_DIM}, got {size}")
+        object.__setattr__(self, "latent_dims", tuple(sizes))
+        object.__setattr__(self, "latent_dim", sizes[0])
+        guides = self.layer_guides or (self.guide,) * len(sizes)
+        if isinstance(guides, str) or len(guides) != len(sizes):
+            raise ValueError(
+                f"layer_guides must name one guide per layer ({len(sizes)}), got {guides!r}"
+            )
+        for key in guides:
+            check_key(GUIDES, "guide", key)
+        if len(sizes) == 1 and tuple(guides) != (self.guide,):
+            raise ValueError(f"a one-layer model takes its guide from guide, got {guides!r}")
+        object.__setattr__(self, "layer_guides", tuple(guides))
+        check_key(dict.fromkeys(INFERENCES), "inference", self.inference)
+
+    def _check_layers(self) -> None:
+        """An L-layer model: Euclidean layers; a ladder posterior only of diagonal Gaussians."""
+        if len(self.latent_dims) == 1:
+            return
+        for key in self.layer_guides:
+            if GUIDES[key].latent != "euclidean":
+                raise ValueError(
+                    f"guide {key!r} and latent_dims {list(self.latent_dims)} do not fit: the "
+                    "layers of a hierarchy are Euclidean"
+                )
+        if self.inference == "ladder" and set(self.layer_guides) != {"diagonal"}:
+            raise ValueError(
+                f"inference 'ladder' and guide {self.guide!r} do not fit: the ladder posterior "
+                "merges diagonal Gaussians (use guide 'diagonal' or inference 'bottom-up')"
+            )
 
     def _check_parts(self) -> None:
         """Each key is registered and the parts fit together: one error naming both parts."""
@@ -135,6 +192,7 @@ class VAEConfig:
                 f"arch {self.arch!r} and condition_dim {self.condition_dim} do not fit: the "
                 "arch takes no conditioning input"
             )
+        self._check_layers()
 
     def check_data(self, x: Tensor, pixels: str | None = None, where: str = "data") -> None:
         """ValueError (one line) unless images x ``(N, P)`` (of pixel kind ``pixels``) fit.
@@ -158,8 +216,8 @@ class VAEConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (lists instead of tuples)."""
         out = asdict(self)
-        out["hidden_dims"] = list(self.hidden_dims)
-        out["image_shape"] = list(self.image_shape)
+        for key in ("hidden_dims", "image_shape", "latent_dims", "layer_guides"):
+            out[key] = list(getattr(self, key))
         return out
 
     @classmethod
@@ -172,7 +230,7 @@ class VAEConfig:
         if unknown:
             raise ValueError(f"unknown VAEConfig fields {sorted(unknown)}")
         values = dict(values)
-        for key in ("hidden_dims", "image_shape"):
+        for key in ("hidden_dims", "image_shape", "latent_dims", "layer_guides"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -183,14 +241,6 @@ class ModelDraw(NamedTuple):
 
     z: Tensor
     x: Tensor
-
-
-def _join(a: Tensor, b: Tensor | None) -> Tensor:
-    """[a, b] along the last dim after broadcasting the leading dims; a alone when b is None."""
-    if b is None:
-        return a
-    lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
-    return torch.cat([a.expand(*lead, a.shape[-1]), b.to(a).expand(*lead, b.shape[-1])], -1)
 
 
 class VAE(PyroModule):
@@ -240,22 +290,14 @@ class VAE(PyroModule):
             if module is not None and not isinstance(module, nn.Module):
                 raise TypeError(f"{role} must be an nn.Module, got {type(module).__name__}")
         self.config, self.prefix = config, name
-        likelihood = make_likelihood(
-            config.likelihood, config.data_dim, **config.likelihood_options
-        )
+        options = config.likelihood_options
+        likelihood = make_likelihood(config.likelihood, config.data_dim, **options)
         arch = make_arch(config.arch, **config.arch_options)
         in_dim = config.data_dim + config.condition_dim
         if trunk is None:
             trunk = arch.trunk(in_dim, config.hidden_dims, config.image_shape)
         if encoder is None:
-            encoder = make_guide(
-                config.guide,
-                in_dim,
-                config.latent_dim,
-                config.hidden_dims,
-                trunk=trunk,
-                **config.guide_options,
-            )
+            encoder = self._make_encoder(arch, trunk, in_dim)
         self.encoder = encoder
         if decoder is None:
             decoder = arch.decoder(
@@ -266,9 +308,20 @@ class VAE(PyroModule):
             )
         self.decoder = decoder
         self.likelihood = likelihood
+        sizes = config.latent_dims
+        if len(sizes) > 1:  # transitions[i]: p(z_{i+1} | z_{i+2}), sites z1 .. zL
+            self.transitions = nn.ModuleList(
+                GaussianLayer(above, config.hidden_dims, size, self._open_trunk(arch, above))
+                for size, above in zip(sizes[:-1], sizes[1:], strict=True)
+            )
+        self.latent_sites = (
+            (f"{name}.z",)
+            if len(sizes) == 1
+            else tuple(f"{name}.z{i + 1}" for i in range(len(sizes)))
+        )
         self.latent_prior = make_prior(
             config.prior,
-            config.latent_dim,
+            sizes[-1],
             self.encoder,
             latent=config.latent,
             **config.prior_options,
@@ -276,6 +329,28 @@ class VAE(PyroModule):
         self.register_buffer("prior_loc", torch.zeros(config.latent_dim))
         self.register_buffer("prior_scale", torch.ones(config.latent_dim))
         self._param_statements = True
+
+    def _open_trunk(self, arch: NetworkPair, in_dim: int) -> nn.Module | None:
+        """The arch's trunk for an input of any width (None: the default MLP)."""
+        if not arch.conditional:  # a fixed-input trunk (conv) takes only images
+            return None
+        return arch.trunk(in_dim, self.config.hidden_dims, self.config.image_shape)
+
+    def _make_encoder(self, arch: NetworkPair, trunk: nn.Module | None, in_dim: int) -> nn.Module:
+        """q(z|x): the configured guide, or the posterior of an L-layer model."""
+        config = self.config
+        sizes = config.latent_dims
+        if len(sizes) > 1 and config.inference == "ladder":
+            return LadderPosterior(in_dim, sizes, config.hidden_dims, trunk=trunk)
+        layers = []
+        for index, (key, size) in enumerate(zip(config.layer_guides, sizes, strict=True)):
+            width = in_dim if index == 0 else in_dim + sizes[index - 1]
+            options = config.guide_options if key == config.guide else {}
+            layer_trunk = trunk if index == 0 else self._open_trunk(arch, width)
+            layers.append(
+                make_guide(key, width, size, config.hidden_dims, trunk=layer_trunk, **options)
+            )
+        return layers[0] if len(sizes) == 1 else BottomUpPosterior(layers)
 
     @contextmanager
     def without_param_statements(self) -> Iterator[VAE]:
@@ -355,7 +430,7 @@ class VAE(PyroModule):
 
     def likelihood_of(self, z: Tensor, condition: Tensor | None = None) -> dist.Distribution:
         """p(x | z, c): batch ``(*, P)`` for z ``(*, D)`` (no event dim; see ``model``)."""
-        return self._network("likelihood")(self._network("decoder")(_join(z, condition)))
+        return self._network("likelihood")(self._network("decoder")(join(z, condition)))
 
     @pyro_method
     def model(
@@ -378,12 +453,20 @@ class VAE(PyroModule):
         ``condition`` ``(*, B, C)`` is the conditioning vector of a conditional VAE (leading
         dims broadcast, e.g. an enumerated label).
 
+        With several layers (``config.latent_dims``) the sites are ``f"{name}.z1"`` (next to
+        x) to ``f"{name}.zL"``; ``prior`` then replaces p(z_L).
+
         Returns:
-            ``ModelDraw(z, x)``: the latent and the (observed or drawn) images.
+            ``ModelDraw(z, x)``: the latent next to x (z_1) and the observed or drawn images.
         """
         self._check_condition(condition)
+        sites = self.latent_sites
         with self._data_plate(x, batch_size, num_data, subsample):
-            z = pyro.sample(f"{self.prefix}.z", self.prior() if prior is None else prior)
+            z = pyro.sample(sites[-1], self.prior() if prior is None else prior)
+            if len(sites) > 1:
+                transitions = self._network("transitions")
+                for index in reversed(range(len(sites) - 1)):
+                    z = pyro.sample(sites[index], transitions[index](z))
             likelihood = self.likelihood_of(z, condition)
             if mask is not None:
                 likelihood = likelihood.mask(mask)
@@ -401,7 +484,7 @@ class VAE(PyroModule):
         mask: Tensor | None = None,
         condition: Tensor | None = None,
     ) -> Tensor:
-        """q(z | x, c) for x ``(*, B, P)``; returns z ``(*, B, D)``.
+        """q(z | x, c) for x ``(*, B, P)``; returns z ``(*, B, D)`` (z_1 with several layers).
 
         ``prior`` and ``mask`` are ignored: they are accepted so that SVI can pass the
         model's arguments unchanged.
@@ -409,14 +492,28 @@ class VAE(PyroModule):
         if x is None:
             raise ValueError("the guide needs the observed images x")
         self._check_condition(condition)
+        encoder, sites, x_in = self._network("encoder"), self.latent_sites, join(x, condition)
         with self._data_plate(x, batch_size, num_data, subsample):
-            return pyro.sample(f"{self.prefix}.z", self._network("encoder")(_join(x, condition)))
+            if len(sites) == 1:
+                return pyro.sample(sites[0], encoder(x_in))
+            if isinstance(encoder, BottomUpPosterior):
+                below = z1 = None
+                for index, site in enumerate(sites):
+                    below = pyro.sample(site, encoder.posterior(index, x_in, below))
+                    z1 = below if index == 0 else z1
+                return z1
+            ups, transitions = encoder.bottom_up(x_in), self._network("transitions")
+            z = pyro.sample(sites[-1], encoder.posterior(ups[-1], None))
+            for index in reversed(range(len(sites) - 1)):
+                prior_params = transitions[index].loc_scale(z)
+                z = pyro.sample(sites[index], encoder.posterior(ups[index], prior_params))
+            return z
 
     @torch.no_grad()
     def decode(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
         """E[x | z, c] ``(*, P)`` for latents ``(*, D)`` (pixel probabilities for Bernoulli)."""
         self._check_condition(condition)
-        return self.likelihood.mean(self.decoder(_join(z, condition)))
+        return self.likelihood.mean(self.decoder(join(z, condition)))
 
     @torch.no_grad()
     def sample_images(
@@ -431,13 +528,25 @@ class VAE(PyroModule):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)  # local to this block: the global RNG state is restored
             z = self.prior().sample((num_images,))
+            for index in reversed(range(len(self.latent_sites) - 1)):
+                z = self.transitions[index](z).sample()  # ancestral, from the top down
         return self.decode(z, condition)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
         """Means ``(B, P)`` decoded from the mean of q(z | x, c) (a sample for flows)."""
         self._check_condition(condition)
-        posterior = self.encoder(_join(x, condition))
+        x_in = join(x, condition)
+        if isinstance(self.encoder, LadderPosterior):  # top-down through the posterior means
+            ups = self.encoder.bottom_up(x_in)
+            z = ups[-1][0]
+            for index in reversed(range(len(ups) - 1)):
+                z = merge_gaussians(*ups[index], *self.transitions[index].loc_scale(z))[0]
+            return self.decode(z, condition)
+        if isinstance(self.encoder, BottomUpPosterior):
+            posterior = self.encoder.posterior(0, x_in, None)
+        else:
+            posterior = self.encoder(x_in)
         if isinstance(posterior, VonMisesFisher):
             return self.decode(posterior.loc, condition)  # the mode; the mean is inside the sphere
         try:

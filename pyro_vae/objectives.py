@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import get_dependent_plate_dims, is_identically_zero, torch_item, torch_sum
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 from torch import Tensor
 from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
@@ -23,6 +24,7 @@ from .model import VAE
 
 __all__ = [
     "OBJECTIVES",
+    "FreeBits_ELBO",
     "IWAE_ELBO",
     "GradientMoments",
     "encoder_gradient_moments",
@@ -212,31 +214,95 @@ class score_function(Messenger):  # noqa: N801 (a Pyro handler)
 
 
 class scale_latent(Messenger):  # noqa: N801 (a Pyro handler)
-    r"""Handler that multiplies the log densities of one sample site by ``beta`` >= 0.
+    r"""Handler that multiplies the log densities of latent sample sites by ``beta`` >= 0.
 
-    Active around both the model and the guide of an ELBO, it weights the latent site's
-    ``log p(z) - log q(z|x)`` and leaves the likelihood at scale 1:
+    Active around both the model and the guide of an ELBO, it weights each named latent
+    site's ``log p(z) - log q(z|x)`` and leaves the likelihood at scale 1:
 
     .. math:: \mathcal{L}_\beta = \mathbb{E}_q[\log p(x|z)]
               - \beta\, \mathbb{E}_q[\log q(z|x) - \log p(z)]
 
-    (KL warm-up; Bowman et al. 2016, Sonderby et al. 2016). Unlike ``poutine.scale`` it
-    accepts ``beta = 0``. The factor multiplies any subsampling scale already on the site.
+    (KL warm-up; Bowman et al. 2016, Sonderby et al. 2016; for an L-layer model every layer's
+    KL term). Unlike ``poutine.scale`` it accepts ``beta = 0``. The factor multiplies any
+    subsampling scale already on the site.
 
     Args:
-        name: The latent site, e.g. ``f"{vae.prefix}.z"``.
-        beta: The weight, a finite number >= 0; 1 leaves the site unchanged.
+        name: The latent site, e.g. ``f"{vae.prefix}.z"``, or several (``vae.latent_sites``).
+        beta: The weight, a finite number >= 0; 1 leaves the sites unchanged.
     """
 
-    def __init__(self, name: str, beta: float) -> None:
+    def __init__(self, name: str | Sequence[str], beta: float) -> None:
         if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         super().__init__()
-        self.name, self.beta = name, float(beta)
+        self.names = {name} if isinstance(name, str) else set(name)
+        self.beta = float(beta)
 
     def _process_message(self, msg: dict[str, Any]) -> None:
-        if msg["type"] == "sample" and msg["name"] == self.name and self.beta != 1.0:
+        if msg["type"] == "sample" and msg["name"] in self.names and self.beta != 1.0:
             msg["scale"] = self.beta * msg["scale"]
+
+
+class FreeBits_ELBO(Trace_ELBO):  # noqa: N801 (Pyro's naming)
+    r"""The ELBO with each latent site's KL term held at ``free_bits`` nats or more.
+
+    .. math:: \mathcal{L}_\lambda = \mathbb{E}_q[\log p(x|z)] - \sum_l
+              \max\big(\lambda,\ \overline{\mathrm{KL}}_l\big)
+
+    per image, where :math:`\overline{\mathrm{KL}}_l` is the single-draw estimate of
+    :math:`\log q(z_l|\cdot) - \log p(z_l|\cdot)` averaged over the minibatch (and
+    particles): a layer whose KL is below lambda gets no gradient pushing it lower, which
+    keeps upper layers of a hierarchy from collapsing (Kingma et al. 2016). Every latent
+    site of the guide is one layer. Each term is scaled like its sites (subsampling N / B,
+    a KL warm-up weight), so with ``free_bits`` = 0 the objective is the ELBO whenever the
+    minibatch KL estimates are non-negative. Guides must be reparameterized.
+
+    References:
+        Improved Variational Inference with Inverse Autoregressive Flow (Kingma et al., 2016)
+
+    Args:
+        free_bits: lambda, nats per layer and image, >= 0.
+        num_particles: Vectorized draws of z per image.
+    """
+
+    def __init__(self, free_bits: float, num_particles: int = 1, max_plate_nesting: int = 1):
+        if not (isinstance(free_bits, (int, float)) and math.isfinite(free_bits)):
+            raise ValueError(f"free_bits must be a finite number >= 0, got {free_bits!r}")
+        if free_bits < 0:
+            raise ValueError(f"free_bits must be a finite number >= 0, got {free_bits!r}")
+        super().__init__(
+            num_particles=num_particles,
+            vectorize_particles=num_particles > 1,
+            max_plate_nesting=max_plate_nesting,
+        )
+        self.free_bits = float(free_bits)
+
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> Tensor:
+        """-L_lambda of the data (scaled to the full data set), a scalar."""
+        loss = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            draws = self.num_particles if self.vectorize_particles else 1
+            loss = loss - self._layer_terms(model_trace, guide_trace, draws)
+        return loss / (1 if self.vectorize_particles else self.num_particles)
+
+    def _layer_terms(self, model_trace: Any, guide_trace: Any, draws: int) -> Tensor:  # noqa: ANN401
+        """sum of scaled log-likelihoods minus the floored, scaled KL terms of one trace pair."""
+        total = 0.0
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if site["is_observed"]:
+                total = total + site["log_prob_sum"] / draws
+                continue
+            q = guide_trace.nodes[name]
+            if not q["fn"].has_rsample:
+                raise ValueError(f"free bits need a reparameterized guide; site {name!r}")
+            kl = q["unscaled_log_prob"] - site["unscaled_log_prob"]  # (K, B) or (B,)
+            floored = kl.mean().clamp_min(self.free_bits)
+            total = total - q["scale"] * kl.shape[-1] * floored
+        return total
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ _DECAYING = {
 }
 #: The gated 300-300 networks with 40 latents of the measured gated runs.
 _GATED = {"arch": "gated", "latent_dim": 40, "hidden_dims": (300, 300), **_DECAYING}
+#: The same networks and schedule for a hierarchy (the layer sizes come with each preset).
+_GATED_LAYERS = {key: value for key, value in _GATED.items() if key != "latent_dim"}
 
 #: Every preset, by name. No preset sets ``--data``: the user names the data file.
 PRESETS: dict[str, Preset] = {
@@ -89,6 +91,31 @@ PRESETS: dict[str, Preset] = {
             # beta = 0 in epoch 1 lets q(z|x) and with it the mixture narrow; epoch 2 then
             # meets losses of ~1e6 nats per image whose gradients would swamp Adam's moments
             "clip_norm": 2e7,
+        },
+    ),
+    "mnist-hvae": Preset(
+        "two stochastic layers of 40 (bottom-up posterior), gated 300-300 networks",
+        {**_GATED_LAYERS, "latent_dims": (40, 40), "guide": "diagonal"},
+    ),
+    "mnist-hvae-vamp": Preset(
+        "mnist-hvae with a VampPrior of 100 pseudo-inputs on the top layer",
+        {
+            **_GATED_LAYERS,
+            "latent_dims": (40, 40),
+            "guide": "diagonal",
+            "prior": "vamp",
+            "prior_option": [("num_components", 100)],
+            "clip_norm": 2e7,
+        },
+    ),
+    "mnist-ladder": Preset(
+        "ladder VAE, three layers of 32, gated 300-300 networks, free bits 0.5 per layer",
+        {
+            **_GATED_LAYERS,
+            "latent_dims": (32, 32, 32),
+            "guide": "diagonal",
+            "inference": "ladder",
+            "free_bits": 0.5,
         },
     ),
     "mnist-conv-flow": Preset(

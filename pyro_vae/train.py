@@ -24,7 +24,7 @@ from .data import Dataset
 from .distributed import ELBOLoss, Replica
 from .evaluate import elbo as elbo_per_point
 from .model import VAE
-from .objectives import OBJECTIVES, make_objective
+from .objectives import OBJECTIVES, FreeBits_ELBO, make_objective
 from .resume import LAST, Progress, load_training_state, save_training_state
 from .schedules import LR_SCHEDULES, kl_weight, learning_rate, patience_exhausted
 from .validation import check_positive_int
@@ -94,6 +94,9 @@ class TrainConfig:
         lr_min: Floor of the exponential and cosine schedules, in [0, lr].
         patience: Stop when the validation ELBO has not improved for this many epochs
             (counted after the KL warm-up); None: train all ``num_epochs``.
+        free_bits: Nats per latent layer and image below which a layer's KL term is not
+            pushed lower (:class:`~pyro_vae.objectives.FreeBits_ELBO`); 0: off. Objective
+            ``elbo`` without jit only; ``train_elbo`` then logs that objective.
     """
 
     num_epochs: int = 300
@@ -111,6 +114,7 @@ class TrainConfig:
     lr_gamma: float = 0.99
     lr_min: float = 0.0
     patience: int | None = None
+    free_bits: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "batch_size", "num_particles", "log_every"):
@@ -154,6 +158,13 @@ class TrainConfig:
             raise ValueError(f"lr_min must be a number in [0, lr={self.lr!r}], got {floor!r}")
         if self.patience is not None:
             check_positive_int("patience", self.patience)
+        if not (_is_number(self.free_bits) and self.free_bits >= 0):
+            raise ValueError(f"free_bits must be a number >= 0, got {self.free_bits!r}")
+        if self.free_bits and (self.jit or self.objective != "elbo"):
+            raise ValueError(
+                f"free_bits needs objective 'elbo' without jit, got objective "
+                f"{self.objective!r}, jit {self.jit}"
+            )
 
 
 def _is_number(value: object) -> bool:
@@ -168,6 +179,8 @@ def _make_loss(config: TrainConfig) -> ELBO:
             max_plate_nesting=1,
             ignore_jit_warnings=True,
         )
+    if config.free_bits:
+        return FreeBits_ELBO(config.free_bits, config.num_particles)
     return make_objective(config.objective, config.num_particles)
 
 
