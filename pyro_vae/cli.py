@@ -20,7 +20,7 @@ from .checkpoint import CheckpointError, atomic_write, load_checkpoint, read_pay
 from .compare import CompareConfig, compare_guides
 from .data import BINARIZE_MODES, DATASETS, DataError, DataSpec, load_dataset
 from .distributed import finish_worker, init_replica
-from .evaluate import evaluate
+from .evaluate import evaluate, layer_active_units
 from .gaps import inference_gaps
 from .guides import GUIDES, FlowGuide
 from .hierarchy import INFERENCES
@@ -385,6 +385,8 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
     cmp.add_argument("--num-samples", type=_positive_int, default=5000)
     cmp.add_argument("--latent-dim", type=_positive_int, default=16)
     cmp.add_argument("--hidden-dims", type=_int_list, default=(200,))
+    cmp.add_argument("--latent-dims", type=_int_list, default=None, metavar="D1,...,DL")
+    cmp.add_argument("--inference", choices=INFERENCES, default="bottom-up")
     cmp.add_argument("--arch", choices=sorted(ARCHS), default="mlp")
     _add_options_arg(cmp, "arch", "channels=[16,32]")
     cmp.add_argument("--prior", choices=sorted(PRIORS), default="standard")
@@ -794,8 +796,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
+    extra = {"split": args.split}
+    if len(vae.latent_sites) > 1:
+        extra["layer_active_units"] = layer_active_units(vae, x.to(device))
     if args.json:
-        print(json.dumps({**result.to_dict(), "split": args.split}))
+        print(json.dumps({**result.to_dict(), **extra}))
         return 0
     print(
         f"{args.split} split, {result.num_points} images, K = {result.num_samples} "
@@ -816,6 +821,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ("gap log p(x) - ELBO", result.gap),
     ):
         print(f"  {label:<32}{value:10.3f}")
+    for name, count in extra.get("layer_active_units", {}).items():
+        print(f"  {'active units of layer ' + name:<32}{count:6d}")
     return 0
 
 
@@ -862,6 +869,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "prior_options": dict(args.prior_option),
             "likelihood": args.likelihood,
             "likelihood_options": likelihood_options,
+            "latent_dims": args.latent_dims,
+            "inference": args.inference,
         },
     )
     if args.out.exists() and not args.out.is_dir():

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import atomic_write, load_checkpoint
 from .data import Dataset
-from .evaluate import evaluate
+from .evaluate import active_units, evaluate
 from .guides import GUIDES
 from .model import VAE, VAEConfig
 from .pictures import save_image_grid
@@ -101,26 +100,13 @@ class CompareConfig:
             raise ValueError(f"model_options cannot set {sorted(unknown)}")
 
 
-@torch.no_grad()
-def active_units(
-    vae: VAE, x: Tensor, threshold: float = 0.01, num_samples: int = 100, batch_size: int = 500
-) -> int:
-    r"""Number of latent dimensions d with Cov_x(E_q[z_d | x]) > ``threshold`` over x ``(N, P)``.
-
-    E_q[z|x] is the guide's closed-form mean, or the average of ``num_samples`` draws when it
-    has none (flows); the draws add about Var_q / num_samples to each variance.
-
-    References:
-        Importance Weighted Autoencoders (Burda, Grosse & Salakhutdinov, 2015), section 5.2
-    """
-    means = []
-    for batch in x.split(batch_size):
-        posterior = vae.encoder(batch)
-        try:
-            means.append(posterior.mean)
-        except NotImplementedError:
-            means.append(posterior.sample((num_samples,)).mean(0))
-    return int((torch.cat(means).var(0) > threshold).sum())
+def _latent_sizes(config: CompareConfig) -> str:
+    """``16``, or ``4,2 (2 layers, bottom-up)`` for a hierarchy."""
+    sizes = config.model_options.get("latent_dims") or (config.latent_dim,)
+    if len(sizes) == 1:
+        return str(sizes[0])
+    inference = config.model_options.get("inference", "bottom-up")
+    return f"{','.join(map(str, sizes))} ({len(sizes)} layers, {inference})"
 
 
 def _run_one(
@@ -241,7 +227,7 @@ def _markdown(summary: Sequence[dict[str, Any]], config: CompareConfig, num_poin
     note = (
         f"\nMean ± standard deviation over {config.num_seeds} seeds; nats per image on the "
         f"{config.split} split ({num_points} images), IS with K = {config.num_samples}. "
-        f"D = {config.latent_dim}, hidden {','.join(map(str, config.hidden_dims))}, "
+        f"D = {_latent_sizes(config)}, hidden {','.join(map(str, config.hidden_dims))}, "
         f"{train.num_epochs} epochs, batch {train.batch_size}, lr {train.lr:g}, "
         f"objective {train.objective} (particles {train.num_particles}); best-validation "
         "checkpoint of each run. Active units: Cov_x(E_q[z_d]) > 0.01. s / epoch includes "

@@ -15,7 +15,15 @@ from tqdm.auto import tqdm
 
 from .model import VAE
 
-__all__ = ["Evaluation", "elbo", "evaluate", "log_likelihood", "log_weights"]
+__all__ = [
+    "Evaluation",
+    "active_units",
+    "elbo",
+    "evaluate",
+    "layer_active_units",
+    "log_likelihood",
+    "log_weights",
+]
 
 #: Default bound on particles x images x pixels held at once by the chunked estimators.
 MAX_ELEMENTS = 2**24
@@ -215,3 +223,46 @@ def evaluate(
         num_points=n,
         layer_kl=layers,
     )
+
+
+@torch.no_grad()
+def active_units(
+    vae: VAE, x: Tensor, threshold: float = 0.01, num_samples: int = 100, batch_size: int = 500
+) -> int:
+    r"""Number of latent dimensions d with Cov_x(E_q[z_d | x]) > ``threshold`` over x ``(N, P)``.
+
+    E_q[z|x] is the guide's closed-form mean, or the average of ``num_samples`` draws when it
+    has none (flows, and every layer of a hierarchy, summed over its layers: see
+    :func:`layer_active_units`); the draws add about Var_q / num_samples to each variance.
+
+    References:
+        Importance Weighted Autoencoders (Burda, Grosse & Salakhutdinov, 2015), section 5.2
+    """
+    if len(vae.latent_sites) > 1:
+        return sum(layer_active_units(vae, x, threshold, num_samples, batch_size).values())
+    means = []
+    for batch in x.split(batch_size):
+        posterior = vae.encoder(batch)
+        try:
+            means.append(posterior.mean)
+        except NotImplementedError:
+            means.append(posterior.sample((num_samples,)).mean(0))
+    return int((torch.cat(means).var(0) > threshold).sum())
+
+
+@torch.no_grad()
+def layer_active_units(
+    vae: VAE, x: Tensor, threshold: float = 0.01, num_samples: int = 100, batch_size: int = 500
+) -> dict[str, int]:
+    """Active units of each latent site (layer), E_q[z_l | x] averaged over guide draws."""
+    sums: dict[str, list[Tensor]] = {name: [] for name in vae.latent_sites}
+    for batch in x.split(batch_size):
+        with pyro.plate(f"{vae.prefix}.particles", num_samples, dim=-2):
+            trace = poutine.trace(vae.guide).get_trace(batch)
+        for name in sums:
+            sums[name].append(trace.nodes[name]["value"].mean(0))  # (B, D_l)
+    prefix = f"{vae.prefix}."
+    return {
+        name.removeprefix(prefix): int((torch.cat(means).var(0) > threshold).sum())
+        for name, means in sums.items()
+    }
