@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, read_payload
 from .compare import CompareConfig, compare_guides
-from .data import BINARIZE_MODES, DATASETS, DataError, DataSpec, load_dataset
+from .data import BINARIZE_MODES, DATASETS, DataError, Dataset, DataSpec, load_dataset
 from .distributed import finish_worker, init_replica
 from .evaluate import evaluate, layer_active_units
 from .gaps import inference_gaps
@@ -40,6 +40,7 @@ from .train import (
     TrainingDiverged,
     TrainingInterrupted,
     fit,
+    one_hot_labels,
 )
 
 __all__ = ["main"]
@@ -167,6 +168,11 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         metavar="D1,...,DL",
         help="L stochastic layers, sizes from z_1 (next to x) to z_L (under --prior); "
         "replaces --latent-dim",
+    )
+    train.add_argument(
+        "--conditional",
+        action="store_true",
+        help="condition encoder and decoder on the data's labels, one-hot (a conditional VAE)",
     )
     train.add_argument(
         "--inference",
@@ -575,12 +581,21 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         raise UsageError(f"{run_dir / CONFIG}: not valid JSON ({error})") from None
 
 
+def _num_classes(data: Dataset, spec: DataSpec) -> int:
+    """The number of classes a conditional VAE is conditioned on; an error without labels."""
+    if data.num_classes is None:
+        raise UsageError(f"--conditional needs labels, and dataset {spec.name!r} has none")
+    return data.num_classes
+
+
 def _layers(config: VAEConfig) -> str:
-    """``"2 layers (40, 40), ladder, "`` for a hierarchy; empty for one layer."""
-    sizes = config.latent_dims
+    """``"2 layers (40, 40), ladder, "`` for a hierarchy, ``"conditional on 10 classes, "``."""
+    sizes, words = config.latent_dims, ""
+    if config.condition_dim:
+        words = f"conditional on {config.condition_dim} classes, "
     if len(sizes) == 1:
-        return ""
-    return f"{len(sizes)} layers {tuple(sizes)}, {config.inference}, "
+        return words
+    return f"{words}{len(sizes)} layers {tuple(sizes)}, {config.inference}, "
 
 
 def _stored_data_spec(run_dir: Path, run: dict[str, Any]) -> DataSpec:
@@ -593,20 +608,29 @@ def _stored_data_spec(run_dir: Path, run: dict[str, Any]) -> DataSpec:
         raise UsageError(f"{run_dir / CONFIG}: not a usable data record ({error})") from None
 
 
-def _save_pictures(vae: VAE, valid: torch.Tensor, run_dir: Path) -> list[Path]:
+def _save_pictures(
+    vae: VAE, valid: torch.Tensor, run_dir: Path, condition: torch.Tensor | None = None
+) -> list[Path]:
     """samples.png (64 prior samples) and reconstructions.png (data rows above their decodings).
 
     Means are shown on the likelihood's value range, or on the data's range when unbounded.
+    A conditional VAE's samples take one column per class; ``condition`` conditions the
+    reconstructions of ``valid``.
     """
     shape = vae.config.image_shape
     span = vae.likelihood.value_range() or (float(valid.min()), float(valid.max()))
-    samples = vae.sample_images(64, generator=torch.Generator().manual_seed(0)).cpu()
+    width = vae.config.condition_dim
+    num_samples = 64 if not width else width * max(1, 64 // width)
+    generator = torch.Generator().manual_seed(0)
+    condition_samples = _class_cycle(vae, num_samples)
+    samples = vae.sample_images(num_samples, generator, condition_samples).cpu()
     columns = min(8, valid.shape[0])
-    x = valid[: columns * min(4, valid.shape[0] // columns)]
-    rows = torch.stack([x, vae.reconstruct(x)]).reshape(2, -1, columns, x.shape[-1])
+    n = columns * min(4, valid.shape[0] // columns)
+    x, c = valid[:n], None if condition is None else condition[:n]
+    rows = torch.stack([x, vae.reconstruct(x, c)]).reshape(2, -1, columns, x.shape[-1])
     pairs = rows.transpose(0, 1).reshape(-1, columns, x.shape[-1])  # data row, then its decoding
     return [
-        save_image_grid(run_dir / "samples.png", samples, shape, value_range=span),
+        save_image_grid(run_dir / "samples.png", samples, shape, width or None, value_range=span),
         save_image_grid(run_dir / "reconstructions.png", pairs.cpu(), shape, value_range=span),
     ]
 
@@ -669,6 +693,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             latent_dims=args.latent_dims,
             inference=args.inference,
             layer_guides=args.layer_guides,
+            condition_dim=_num_classes(data, spec) if args.conditional else 0,
         )
     config.check_data(data.valid, data.pixels, "the validation images")
     replica, device = init_replica(device)  # under torchrun: join the process group
@@ -720,7 +745,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not replica.is_main:
         return 0
     vae, payload = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
-    pictures = _save_pictures(vae, data.valid.to(device), run_dir)
+    condition = one_hot_labels(vae, data, "valid")
+    condition = None if condition is None else condition.to(device)
+    pictures = _save_pictures(vae, data.valid.to(device), run_dir, condition)
     early = len(history) < train_config.num_epochs  # only early stopping ends a run sooner
     note = f" (stopped early: patience {train_config.patience})" if early else ""
     print(
@@ -782,18 +809,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         spec = data_spec(args.data, args.binarize, likelihood=vae.config.likelihood)
     else:
         spec = _stored_data_spec(args.run_dir, run)
-    x = load_dataset(spec).split(args.split)[: args.num_points]
+    data = load_dataset(spec)
+    x = data.split(args.split)[: args.num_points]
     if x.shape[1] != vae.config.data_dim:
         raise UsageError(
             f"the data has {x.shape[1]} pixels per image but the checkpoint "
             f"expects {vae.config.data_dim}"
         )
+    condition = one_hot_labels(vae, data, args.split)
+    condition = None if condition is None else condition[: args.num_points].to(device)
     pyro.set_rng_seed(args.seed)
     result = evaluate(
         vae,
         x.to(device),
         num_samples=args.num_samples,
         batch_size=args.batch_size,
+        condition=condition,
         progress=not args.quiet,
     )
     extra = {"split": args.split}
@@ -832,10 +863,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = args.out or args.run_dir / f"samples-{args.num_images}.png"
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: the picture is written as PNG; use a .png name")
-    images = vae.sample_images(args.num_images, generator=torch.Generator().manual_seed(args.seed))
+    generator = torch.Generator().manual_seed(args.seed)
+    condition = _class_cycle(vae, args.num_images)
+    images = vae.sample_images(args.num_images, generator=generator, condition=condition)
     span = vae.likelihood.value_range()
-    print(f"wrote {save_image_grid(out, images, vae.config.image_shape, value_range=span)}")
+    columns = vae.config.condition_dim or None  # a conditional VAE: one column per class
+    grid = save_image_grid(out, images, vae.config.image_shape, columns, value_range=span)
+    print(f"wrote {grid}")
     return 0
+
+
+def _class_cycle(vae: VAE, num_images: int) -> torch.Tensor | None:
+    """One-hot classes 0, 1, ..., C-1, 0, ... for ``num_images`` images; None if unconditional."""
+    width = vae.config.condition_dim
+    if not width:
+        return None
+    classes = torch.arange(num_images, device=vae.prior_loc.device) % width
+    return torch.nn.functional.one_hot(classes, width).float()
 
 
 def _objective(name: str) -> str:
@@ -906,6 +950,8 @@ def cmd_gaps(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     run = _read_run(args.run_dir)
     vae, _ = load_checkpoint(args.run_dir / CHECKPOINT, map_location=device)
+    if vae.config.condition_dim:
+        raise UsageError(f"{args.run_dir}: gaps takes an unconditional VAE (condition_dim 0)")
     x = load_dataset(_stored_data_spec(args.run_dir, run)).split(args.split)[: args.num_points]
     pyro.set_rng_seed(args.seed)
     split, _ = inference_gaps(

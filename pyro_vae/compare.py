@@ -95,6 +95,7 @@ class CompareConfig:
             value = getattr(self, name)
             check_positive_int(name, value)
         fixed = {"data_dim", "latent_dim", "hidden_dims", "guide", "guide_options", "image_shape"}
+        fixed.add("condition_dim")  # evaluation here is unconditional
         unknown = set(self.model_options) - (set(VAEConfig.__dataclass_fields__) - fixed)
         if unknown:
             raise ValueError(f"model_options cannot set {sorted(unknown)}")

@@ -38,9 +38,10 @@ def _ceil_div(a: int, b: int) -> int:
 class ELBOLoss(nn.Module):
     """The negative ELBO of ``vae`` as a module; the unit that DistributedDataParallel wraps.
 
-    ``forward(x, num_data, subsample)`` returns the scalar loss: minus the ELBO estimate of
-    all ``num_data`` images from the batch x ``(B, P)`` whose indices in the dataset are
-    ``subsample`` ``(B,)`` (default: the first B).
+    ``forward(x, num_data, subsample, condition)`` returns the scalar loss: minus the ELBO
+    estimate of all ``num_data`` images from the batch x ``(B, P)`` whose indices in the
+    dataset are ``subsample`` ``(B,)`` (default: the first B); ``condition`` ``(B, C)``
+    conditions a conditional VAE.
 
     ``beta`` (default 1) weights the latent sites ``vae.latent_sites`` in both model and guide
     through :class:`~pyro_vae.objectives.scale_latent`: the loss is then
@@ -61,11 +62,17 @@ class ELBOLoss(nn.Module):
         self._param_state: dict | None = None
 
     def forward(
-        self, x: Tensor, num_data: int | None = None, subsample: Tensor | None = None
+        self,
+        x: Tensor,
+        num_data: int | None = None,
+        subsample: Tensor | None = None,
+        condition: Tensor | None = None,
     ) -> Tensor:
         kwargs = {} if num_data is None else {"num_data": num_data}
         if subsample is not None:
             kwargs["subsample"] = subsample
+        if condition is not None:
+            kwargs["condition"] = condition
         if not isinstance(self.elbo, JitTrace_ELBO):
             weight = nullcontext() if self.beta == 1.0 else scale_latent(self._sites, self.beta)
             # the optimizer holds this module's parameters: no param statements needed
@@ -73,8 +80,10 @@ class ELBOLoss(nn.Module):
                 return self.elbo.differentiable_loss(self._model, self._guide, x, **kwargs)
         if self.beta != 1.0:  # the compiled graph would keep the scale of its first call
             raise ValueError(f"JitTrace_ELBO cannot weight the KL term (beta {self.beta!r})")
-        if subsample is not None:
-            raise ValueError("JitTrace_ELBO cannot take a subsample tensor; use Trace_ELBO")
+        if subsample is not None or condition is not None:
+            raise ValueError(
+                "JitTrace_ELBO cannot take a subsample or condition tensor; use Trace_ELBO"
+            )
         kwargs["batch_size"] = x.shape[0]  # one compiled graph per batch size
         # the compiled graph reads parameters from the param store: give it this VAE's own
         # store, so an earlier module registered under the same names is never trained instead

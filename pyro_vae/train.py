@@ -29,7 +29,14 @@ from .resume import LAST, Progress, load_training_state, save_training_state
 from .schedules import LR_SCHEDULES, kl_weight, learning_rate, patience_exhausted
 from .validation import check_positive_int
 
-__all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "fit", "write_metrics"]
+__all__ = [
+    "TrainConfig",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "fit",
+    "one_hot_labels",
+    "write_metrics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -191,11 +198,21 @@ def _make_optimizer(params: Iterable[Tensor], lr: float, device: torch.device) -
     return torch.optim.Adam(params, lr=lr, fused=fused, foreach=None if fused else True)
 
 
-def _valid_elbo(vae: VAE, x: torch.Tensor, batch_size: int, replica: Replica) -> float:
+def _valid_elbo(
+    vae: VAE,
+    x: torch.Tensor,
+    batch_size: int,
+    replica: Replica,
+    condition: Tensor | None = None,
+) -> float:
     vae.eval()
     total = x.new_zeros(())
-    for batch in replica.shard(x).split(batch_size):
-        total += elbo_per_point(vae, batch).sum()
+    shard = replica.shard(x)
+    conditions = [None] * shard.shape[0] if condition is None else replica.shard(condition)
+    for start in range(0, shard.shape[0], batch_size):
+        batch = shard[start : start + batch_size]
+        c = None if condition is None else conditions[start : start + batch_size]
+        total += elbo_per_point(vae, batch, condition=c).sum()
     vae.train()
     return float(replica.sum(total)) / x.shape[0]
 
@@ -321,10 +338,7 @@ def _check_fit_args(
             f"data has {data.data_dim} pixels but the model expects {vae.config.data_dim}"
         )
     if vae.config.condition_dim:
-        raise ValueError(
-            "fit trains unconditional VAEs; train a conditional one (condition_dim "
-            f"{vae.config.condition_dim}) with Pyro's SVI and vae.model(x, condition=c)"
-        )
+        _check_labels(vae, data, config)
     vae.config.check_data(data.valid, data.pixels, "the validation images")
     if config.batch_size > data.train.shape[0]:
         raise ValueError(
@@ -335,6 +349,35 @@ def _check_fit_args(
         raise ValueError("resume=True needs the run_dir that holds last.pt")
     if replica.world_size > 1 and (config.jit or resume):
         raise ValueError("jit=True and resume=True are not supported with several processes")
+
+
+def _check_labels(vae: VAE, data: Dataset, config: TrainConfig) -> None:
+    """A conditional VAE trains on one-hot labels: every split it uses needs them."""
+    width = vae.config.condition_dim
+    missing = [name for name in ("train", "valid") if data.labels(name) is None]
+    if missing:
+        raise ValueError(
+            f"a conditional VAE (condition_dim {width}) trains on the data's labels, and the "
+            f"{' and '.join(missing)} split has none"
+        )
+    if data.num_classes > width:
+        raise ValueError(f"the data have {data.num_classes} classes but condition_dim is {width}")
+    if config.jit:
+        raise ValueError("jit=True takes an unconditional VAE (condition_dim 0)")
+
+
+def one_hot_labels(vae: VAE, data: Dataset, name: str) -> Tensor | None:
+    """The condition of split ``name`` for a conditional VAE: one-hot labels ``(N, C)``.
+
+    None for an unconditional VAE; C is ``vae.config.condition_dim``.
+    """
+    width = vae.config.condition_dim
+    if not width:
+        return None
+    labels = data.labels(name)
+    if labels is None:
+        raise ValueError(f"a conditional VAE needs labels, and the {name!r} split has none")
+    return torch.nn.functional.one_hot(labels, width).to(data.valid.dtype)
 
 
 def _restore(
@@ -371,7 +414,8 @@ def _run_epoch(
         vae, data, loss_fn, optimizer, config, generator, epoch, bar, replica
     )
     try:
-        valid_elbo = _valid_elbo(vae, data.valid, config.batch_size, replica)
+        condition = one_hot_labels(vae, data, "valid")
+        valid_elbo = _valid_elbo(vae, data.valid, config.batch_size, replica, condition)
     except ValueError as error:
         raise _invalid_parameters(error, f"epoch {epoch}, validation") from None
     if not math.isfinite(valid_elbo):
@@ -443,11 +487,19 @@ def _train_epoch(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     window: list[Tensor] = []  # loss (and gradient norm) of each step since the last check
     batches = replica.batches(num_data, config.batch_size, generator, epoch, data.train.device)
+    labels = one_hot_labels(vae, data, "train")
     for step, index in enumerate(batches, start=1):
         x = data.train_batch(index)
+        condition = None if labels is None else labels[index]
         try:
             loss, norm = _step(
-                loss_fn, optimizer, x, num_data, replica.subsample(index), config.clip_norm
+                loss_fn,
+                optimizer,
+                x,
+                num_data,
+                replica.subsample(index),
+                config.clip_norm,
+                condition,
             )
         except ValueError as error:  # distribution validation refuses NaN/inf parameters
             _check_finite(window, epoch, step - len(window), params)  # an earlier step?
@@ -472,13 +524,17 @@ def _step(
     num_data: int,
     subsample: Tensor | None,
     clip_norm: float | None,
+    condition: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """One Adam step on the minibatch ``x`` ``(B, P)``.
+    """One Adam step on the minibatch ``x`` ``(B, P)`` (conditioned on ``condition``).
 
     Returns the loss and, with ``clip_norm``, the gradient's total norm before clipping
     (None without: reading every gradient once more costs about a tenth of a step).
     """
-    loss = loss_fn(x, num_data, subsample)  # -ELBO estimate of all N images
+    if condition is None:
+        loss = loss_fn(x, num_data, subsample)  # -ELBO estimate of all N images
+    else:
+        loss = loss_fn(x, num_data, subsample, condition)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = None

@@ -3,6 +3,12 @@ and the data plate a user's program can open."""
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -10,9 +16,12 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_vae import VAE, VAEConfig
+from pyro_vae import VAE, Dataset, TrainConfig, VAEConfig, fit
+from pyro_vae.cli import main
+from pyro_vae.distributed import ELBOLoss
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.networks import ARCHS, NetworkPair, register_arch
+from pyro_vae.train import one_hot_labels
 
 P, D, C = 6, 2, 3
 
@@ -170,3 +179,77 @@ def test_condition_errors_are_one_line() -> None:
         vae.guide(x, condition=torch.zeros(4, C + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="condition must have shape"):
         VAE(VAEConfig(P, D, (8,), "diagonal")).model(x.float(), condition=torch.zeros(4, C))
+
+
+# ---------------------------------------------------------------- conditional training
+
+
+def _labeled_data(n: int = 60) -> Dataset:
+    torch.manual_seed(0)
+    labels = torch.arange(n) % C
+    prototypes = _binary(C, P)
+    x = torch.where(torch.rand(n, P) < 0.9, prototypes[labels], 1 - prototypes[labels])
+    return Dataset(
+        x[:40], x[40:50], x[50:], (2, 3), train_labels=labels[:40], valid_labels=labels[40:50],
+        test_labels=labels[50:],
+    )  # fmt: skip
+
+
+def _fit_conditional(data: Dataset, width: int = C) -> VAE:
+    torch.manual_seed(3)
+    vae = VAE(VAEConfig(P, D, (8,), "diagonal", condition_dim=width))
+    fit(vae, data, TrainConfig(num_epochs=2, batch_size=10, seed=3), progress=False)
+    return vae
+
+
+def test_fit_trains_on_the_one_hot_labels() -> None:
+    data = _labeled_data()
+    c = one_hot_labels(VAE(VAEConfig(P, D, (8,), "diagonal", condition_dim=C)), data, "valid")
+    assert c.shape == (10, C) and torch.equal(c.argmax(-1), data.valid_labels)
+    first, again = _fit_conditional(data), _fit_conditional(data)
+    shuffled = _fit_conditional(replace(data, train_labels=data.train_labels.roll(1)))
+    params = list(first.parameters())
+    same = [torch.equal(a, b) for a, b in zip(params, again.parameters(), strict=True)]
+    moved = [torch.equal(a, b) for a, b in zip(params, shuffled.parameters(), strict=True)]
+    assert all(same) and not all(moved)  # the labels, and only they, steer the training
+    loss = ELBOLoss(first, Trace_ELBO(max_plate_nesting=1))
+    x, cond = data.train[:10], one_hot_labels(first, data, "train")[:10]
+    pyro.set_rng_seed(5)
+    got = loss(x, 40, None, cond)
+    pyro.set_rng_seed(5)
+    want = Trace_ELBO().differentiable_loss(
+        first.model, first.guide, x, num_data=40, condition=cond
+    )
+    assert torch.allclose(got, want)
+
+
+def test_fit_refuses_a_conditional_vae_it_cannot_feed() -> None:
+    data, config = _labeled_data(), TrainConfig(num_epochs=1, batch_size=10)
+    vae = VAE(VAEConfig(P, D, (8,), "diagonal", condition_dim=C))
+    with pytest.raises(ValueError, match="valid split has none"):
+        fit(vae, replace(data, valid_labels=None), config)
+    with pytest.raises(ValueError, match="3 classes but condition_dim is 2"):
+        fit(VAE(VAEConfig(P, D, (8,), "diagonal", condition_dim=2)), data, config)
+    with pytest.raises(ValueError, match="jit=True takes an unconditional VAE"):
+        fit(vae, data, TrainConfig(num_epochs=1, batch_size=10, jit=True))
+
+
+def test_the_cli_trains_evaluates_and_draws_a_conditional_vae(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "cvae"
+    small = ["--epochs", "1", "--latent-dim", "2", "--hidden-dims", "16", "--quiet"]
+    assert main(["train", "--conditional", *small, "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())["model"]
+    assert config["condition_dim"] == 10  # the digits' classes
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--num-samples", "5", "--json", "--quiet"]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["log_likelihood"])
+    assert main(["sample", str(run), "-n", "20", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["gaps", str(run), "--quiet"]) == 2
+    assert "gaps takes an unconditional VAE" in capsys.readouterr().err
+    array = tmp_path / "x.npy"
+    np.save(array, np.random.default_rng(0).integers(0, 2, (30, 4)).astype(np.float32))
+    assert main(["train", "--conditional", "--data", str(array), *small, "--batch-size", "5",
+                 "--out", str(tmp_path / "none")]) == 2  # fmt: skip
+    assert "--conditional needs labels" in capsys.readouterr().err
