@@ -152,9 +152,10 @@ class VAEConfig:
                     f"guide {key!r} and latent_dims {list(self.latent_dims)} do not fit: the "
                     "layers of a hierarchy are Euclidean"
                 )
-        if self.inference == "ladder" and set(self.layer_guides) != {"diagonal"}:
+        other = [key for key in (self.guide, *self.layer_guides) if key != "diagonal"]
+        if self.inference == "ladder" and other:
             raise ValueError(
-                f"inference 'ladder' and guide {self.guide!r} do not fit: the ladder posterior "
+                f"inference 'ladder' and guide {other[0]!r} do not fit: the ladder posterior "
                 "merges diagonal Gaussians (use guide 'diagonal' or inference 'bottom-up')"
             )
 
