@@ -27,7 +27,7 @@ from .hierarchy import INFERENCES
 from .likelihoods import LIKELIHOODS
 from .model import VAE, VAEConfig
 from .networks import ARCHS
-from .objectives import OBJECTIVES
+from .objectives import GRADIENT_ESTIMATORS, OBJECTIVES
 from .pictures import save_image_grid
 from .presets import PRESETS
 from .priors import LATENTS, PRIORS
@@ -244,6 +244,13 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         default=0.0,
         metavar="NATS",
         help="keep each latent layer's KL term at NATS per image or more (default 0: off)",
+    )
+    train.add_argument(
+        "--gradient-estimator",
+        choices=tuple(dict.fromkeys(e for fits in GRADIENT_ESTIMATORS.values() for e in fits)),
+        default="pathwise",
+        help="encoder gradient: pathwise (default), stl (sticking the landing; elbo, "
+        "meanfield) or dreg (doubly reparameterized; iwae)",
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -665,6 +672,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             lr_min=args.lr_min,
             patience=args.patience,
             free_bits=args.free_bits,
+            gradient_estimator=args.gradient_estimator,
         )
     data = load_dataset(spec)
     if train_config.batch_size > data.train.shape[0]:

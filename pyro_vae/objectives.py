@@ -9,6 +9,7 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
@@ -18,15 +19,26 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 from torch import Tensor
-from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
+from torch.distributions import (
+    Independent,
+    MultivariateNormal,
+    Normal,
+    kl_divergence,
+    register_kl,
+)
 
 from .model import VAE
 
 __all__ = [
+    "GRADIENT_ESTIMATORS",
     "OBJECTIVES",
+    "DReG_IWAE_ELBO",
     "FreeBits_ELBO",
     "IWAE_ELBO",
+    "STL_ELBO",
+    "STL_MeanField_ELBO",
     "GradientMoments",
+    "check_gradient_estimator",
     "encoder_gradient_moments",
     "kl_mvn_diagonal_normal",
     "make_objective",
@@ -36,6 +48,13 @@ __all__ = [
 
 #: Names accepted by :func:`make_objective` and ``TrainConfig.objective``.
 OBJECTIVES = ("elbo", "meanfield", "iwae")
+
+#: Encoder-gradient estimators each objective accepts (``TrainConfig.gradient_estimator``).
+GRADIENT_ESTIMATORS = {
+    "elbo": ("pathwise", "stl"),
+    "meanfield": ("pathwise", "stl"),
+    "iwae": ("pathwise", "dreg"),
+}
 
 
 # ---------------------------------------------------------------- analytic KL
@@ -116,7 +135,14 @@ class IWAE_ELBO(RenyiELBO):  # noqa: N801 (Pyro's naming)
         if self.num_particles == 1:
             log_w = log_w.unsqueeze(0)
         bound = torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)
+        bound = self._gradient_bound(bound, log_w, model_trace, guide_trace, sum_dims)
         return -bound.sum() * scales.pop(), model_trace, guide_trace
+
+    def _gradient_bound(
+        self, bound: Tensor, log_w: Tensor, model_trace: Trace, guide_trace: Trace, sum_dims: list
+    ) -> Tensor:
+        """The bound per datapoint ``(B,)`` whose gradient is the estimator's (here: its own)."""
+        return bound
 
     def differentiable_loss(
         self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
@@ -154,24 +180,290 @@ class IWAE_ELBO(RenyiELBO):  # noqa: N801 (Pyro's naming)
         return loss
 
 
-def make_objective(name: str = "elbo", num_particles: int = 1) -> ELBO:
+def make_objective(
+    name: str = "elbo", num_particles: int = 1, gradient_estimator: str = "pathwise"
+) -> ELBO:
     """The Pyro ELBO object behind ``TrainConfig.objective``; use its ``differentiable_loss``.
 
     Args:
         name: ``elbo`` (``Trace_ELBO``), ``meanfield`` (``TraceMeanField_ELBO``: closed-form
             KL(q || p) where registered, Monte Carlo otherwise) or ``iwae`` (:class:`IWAE_ELBO`).
         num_particles: Samples of z per image (K of the IWAE bound).
+        gradient_estimator: ``pathwise`` (the objective's own gradient), ``stl`` for ``elbo``
+            and ``meanfield`` (:class:`STL_ELBO`, :class:`STL_MeanField_ELBO`) or ``dreg``
+            for ``iwae`` (:class:`DReG_IWAE_ELBO`).
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     if not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+    check_gradient_estimator(name, gradient_estimator)
     if name == "iwae":
-        return IWAE_ELBO(num_particles=num_particles)
-    cls = Trace_ELBO if name == "elbo" else TraceMeanField_ELBO
+        cls = DReG_IWAE_ELBO if gradient_estimator == "dreg" else IWAE_ELBO
+        return cls(num_particles=num_particles)
+    stl = gradient_estimator == "stl"
+    if name == "elbo":
+        cls = STL_ELBO if stl else Trace_ELBO
+    else:
+        cls = STL_MeanField_ELBO if stl else TraceMeanField_ELBO
     return cls(
         num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1
     )
+
+
+def check_gradient_estimator(objective: str, estimator: str) -> None:
+    """ValueError (one line) unless ``estimator`` is one of ``GRADIENT_ESTIMATORS[objective]``."""
+    names = list(dict.fromkeys(e for fits in GRADIENT_ESTIMATORS.values() for e in fits))
+    if estimator not in names:
+        raise ValueError(
+            f"unknown gradient_estimator {estimator!r}; choose one of {', '.join(names)}"
+        )
+    fits = GRADIENT_ESTIMATORS.get(objective, ())
+    if estimator not in fits:
+        raise ValueError(
+            f"gradient_estimator {estimator!r} does not fit objective {objective!r}, which "
+            f"takes {' or '.join(repr(e) for e in fits)}"
+        )
+
+
+# ---------------------------------------------------------------- STL and DReG
+
+#: Key of a trace site's log density re-scored at its detached value (see _score_at_fixed_draws).
+_FIXED = "log_prob_at_fixed_draw"
+
+
+def _detached(trace: Trace) -> Trace:
+    """The sample sites of ``trace`` (subsample sites too) with their values detached."""
+    out = Trace()
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample":
+            value = site["value"]
+            out.add_node(
+                name, **{**site, "value": value.detach() if torch.is_tensor(value) else value}
+            )
+    return out
+
+
+def _describe(fn: dist.Distribution) -> str:
+    """``TransformedDistribution through ConditionedPlanar`` and the like, for messages."""
+    transforms = getattr(fn, "transforms", None)
+    if not transforms:
+        return type(fn).__name__
+    names = dict.fromkeys(type(t).__name__ for t in transforms)
+    return f"{type(fn).__name__} through {', '.join(names)}"
+
+
+def _score_at_fixed_draws(
+    estimator: str,
+    guide: Callable,
+    draws: Trace,
+    args: tuple,
+    kwargs: dict,
+    sites: dict[str, dict],
+    model: Callable | None = None,
+    model_sites: dict[str, dict] | None = None,
+) -> None:
+    r"""Store in each of ``sites`` its log q(z) re-scored with z held fixed: site[_FIXED].
+
+    Re-runs ``guide`` (and ``model``) with every draw of ``draws`` (the unpruned guide trace)
+    replayed detached, so each site's log density at its own value is a function of the
+    parameters only, with every z, also the z a later layer is conditioned on, held fixed:
+    its gradient is the score term :math:`\partial_\phi \log q_\phi(z)|_z`. The guide's
+    distribution is built anew, so a density that scores its own draw from cached noise
+    takes its general formula; a family that can score only its own draws (a flow without
+    an analytic inverse) is refused with a ValueError.
+    """
+    fixed = poutine.trace(poutine.replay(guide, trace=_detached(draws))).get_trace(*args, **kwargs)
+    for name, site in sites.items():
+        twin = fixed.nodes[name]
+        try:
+            site[_FIXED] = twin["fn"].log_prob(twin["value"])
+        except (NotImplementedError, KeyError) as error:
+            raise ValueError(
+                f"gradient estimator {estimator!r} needs log q of guide site {name!r} at a "
+                f"given z, and its {_describe(twin['fn'])} scores only its own draws (no "
+                "analytic inverse); use gradient_estimator 'pathwise'"
+            ) from error
+    if model is None:
+        return
+    fixed_model = poutine.trace(poutine.replay(model, trace=fixed)).get_trace(*args, **kwargs)
+    for name, site in (model_sites or {}).items():
+        twin = fixed_model.nodes[name]
+        site[_FIXED] = twin["fn"].log_prob(twin["value"])
+
+
+def _latent_sites(trace: Trace, estimator: str) -> dict[str, dict]:
+    """The latent sample sites of a guide trace by name; ValueError unless reparameterized."""
+    sites = {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        if not site["fn"].has_rsample:
+            raise ValueError(
+                f"gradient estimator {estimator!r} needs a reparameterized guide; site {name!r} "
+                "is not"
+            )
+        sites[name] = site
+    return sites
+
+
+class _StickingTheLanding:
+    r"""Mixin for Pyro's ELBOs: drop the score term of every Monte Carlo log q(z|x).
+
+    At each reparameterized guide site scored by Monte Carlo, the surrogate gains
+    ``scale * (log q_phi(sg z) - its value)``, zero in value, whose gradient
+    :math:`\partial_\phi \log q_\phi(z)|_z` cancels the score term of ``-log q``.
+    """
+
+    def _monte_carlo_sites(self, model_trace: Trace, guide_trace: Trace) -> dict[str, dict]:
+        return _latent_sites(guide_trace, "stl")
+
+    def _get_trace(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> tuple[Trace, Trace]:
+        recorder = poutine.trace(guide)  # the unpruned guide trace, subsample sites included
+        model_trace, guide_trace = super()._get_trace(model, recorder, args, kwargs)
+        sites = self._monte_carlo_sites(model_trace, guide_trace)
+        if sites and torch.is_grad_enabled():
+            _score_at_fixed_draws("stl", guide, recorder.trace, args, kwargs, sites)
+        return model_trace, guide_trace
+
+    def _differentiable_loss_particle(
+        self, model_trace: Trace, guide_trace: Trace
+    ) -> tuple[Any, Any]:
+        loss, surrogate = super()._differentiable_loss_particle(model_trace, guide_trace)
+        for site in guide_trace.nodes.values():
+            if _FIXED in site:
+                score = scale_and_mask(site[_FIXED], site["scale"], site["mask"]).sum()
+                surrogate = surrogate - (score - score.detach())
+        return loss, surrogate
+
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """The objective's value as a float (no gradient, nothing re-scored)."""
+        with torch.no_grad():
+            return super().loss(model, guide, *args, **kwargs)
+
+
+class STL_ELBO(_StickingTheLanding, Trace_ELBO):  # noqa: N801 (Pyro's naming)
+    r"""``Trace_ELBO`` with the "sticking the landing" encoder gradient (Roeder et al. 2017).
+
+    .. math:: \nabla_\phi \big[\log p_\theta(x, z) - \log q_{\bot(\phi)}(z|x)\big],
+              \quad z = g_\phi(\epsilon, x)
+
+    The pathwise gradient without the score term :math:`-\partial_\phi \log q_\phi(z|x)`,
+    whose expectation is zero: unbiased, and exactly zero when q(z|x) is the true posterior
+    (then log p(x, z) - log q(z|x) = log p(x) for every z). The loss value and the decoder's
+    gradient are ``Trace_ELBO``'s; ``differentiable_loss``, ``loss`` and ``loss_and_grads``
+    agree. log q is re-scored once per step at the detached draws (one more guide pass); each
+    latent site must be reparameterized, and guides that score only their own draws
+    (planar, radial and Sylvester flows) are refused with a ValueError. Parameters shared by
+    the guide with the model (a ladder posterior's top-down layers) lose only the
+    zero-mean score term of log q as well.
+
+    References:
+        Sticking the Landing: Simple, Lower-Variance Gradient Estimators for Variational
+        Inference (Roeder, Wu & Duvenaud, 2017)
+    """
+
+
+class STL_MeanField_ELBO(_StickingTheLanding, TraceMeanField_ELBO):  # noqa: N801
+    """``TraceMeanField_ELBO`` with the STL gradient at the sites whose KL is Monte Carlo.
+
+    Where KL(q || p) has a closed form the objective has no log q(z|x) term and no score
+    term to drop, so those sites are left as they are (for a Gaussian guide under the
+    standard prior this class equals ``TraceMeanField_ELBO``); sites without a registered
+    KL (flows, a mixture or VampPrior) and guide-only sites get :class:`STL_ELBO`'s term.
+    """
+
+    def _monte_carlo_sites(self, model_trace: Trace, guide_trace: Trace) -> dict[str, dict]:
+        sites = _latent_sites(guide_trace, "stl")
+        return {
+            name: site
+            for name, site in sites.items()
+            if name not in model_trace.nodes
+            or not _has_closed_form_kl(site, model_trace.nodes[name])
+        }
+
+
+def _has_closed_form_kl(guide_site: dict, model_site: dict) -> bool:
+    """Whether ``TraceMeanField_ELBO`` takes KL(q || p) of this site in closed form."""
+    try:
+        with torch.no_grad():
+            kl_divergence(guide_site["fn"], model_site["fn"])
+    except NotImplementedError:
+        return False
+    return True
+
+
+class DReG_IWAE_ELBO(IWAE_ELBO):  # noqa: N801 (Pyro's naming)
+    r"""The IWAE bound with the doubly reparameterized encoder gradient (Tucker et al. 2018).
+
+    With :math:`w_k = p(x, z_k) / q(z_k|x)`, :math:`\tilde w_k = w_k / \sum_j w_j` and
+    :math:`z_k = g_\phi(\epsilon_k, x)`, the encoder gets
+
+    .. math:: \sum_k \tilde w_k^2\, \nabla_z \log w_k \big|_{z_k}
+              \frac{\partial z_k}{\partial \phi}
+
+    in place of IWAE's :math:`\sum_k \tilde w_k \nabla_\phi \log w_k`, whose score term
+    makes the gradient's signal-to-noise ratio fall like 1/sqrt(K) (Rainforth et al. 2018);
+    the expectation is the same. The decoder keeps IWAE's
+    :math:`\sum_k \tilde w_k \nabla_\theta \log p_\theta(x, z_k)`, and the value is the
+    bound, subsampling scale N/B outside the log-mean-exp as in :class:`IWAE_ELBO`. The
+    surrogate per datapoint is
+
+    .. math:: \sum_k \bot(\tilde w_k^2) \big[\log w_k + \log q_\phi(\bot z_k)
+              - \bot(\cdot)\big] + \sum_k \bot(\tilde w_k - \tilde w_k^2)
+              \log p_\theta(x, \bot z_k)
+
+    so each step re-runs the guide and the model once at the detached draws. Parameters
+    shared by model and guide get the model part with weight w~ and the path part with w~^2.
+    Guides that score only their own draws (planar, radial, Sylvester) are refused.
+
+    References:
+        Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives
+        (Tucker, Lawson, Gu & Maddison, 2018)
+    """
+
+    def _get_trace(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> tuple[Trace, Trace]:
+        recorder = poutine.trace(guide)
+        model_trace, guide_trace = super()._get_trace(model, recorder, args, kwargs)
+        if torch.is_grad_enabled():
+            model_sites = {
+                name: site
+                for name, site in model_trace.nodes.items()
+                if site["type"] == "sample" and not site_is_subsample(site)
+            }
+            sites = _latent_sites(guide_trace, "dreg")
+            _score_at_fixed_draws(
+                "dreg", guide, recorder.trace, args, kwargs, sites, model, model_sites
+            )
+        return model_trace, guide_trace
+
+    def _gradient_bound(
+        self, bound: Tensor, log_w: Tensor, model_trace: Trace, guide_trace: Trace, sum_dims: list
+    ) -> Tensor:
+        if not torch.is_grad_enabled():
+            return bound
+        log_q, log_p = (self._fixed_sum(t, sum_dims) for t in (guide_trace, model_trace))
+        if self.num_particles == 1:
+            log_q, log_p = log_q.unsqueeze(0), log_p.unsqueeze(0)
+        weights = torch.softmax(log_w.detach(), dim=0)  # w~_k, (K, B)
+        squared = weights.square()
+        path = log_w + (log_q - log_q.detach())  # gradient: the pathwise part only
+        surrogate = (squared * path + (weights - squared) * log_p).sum(0)
+        return bound.detach() + (surrogate - surrogate.detach())
+
+    @staticmethod
+    def _fixed_sum(trace: Trace, sum_dims: list) -> Tensor:
+        """Sum over the sites of ``trace`` of their re-scored log densities, unscaled."""
+        total = 0.0
+        for site in trace.nodes.values():
+            if _FIXED in site:
+                log_p = scale_and_mask(site[_FIXED], mask=site["mask"])
+                total = total + torch_sum(log_p, sum_dims)
+        return total
 
 
 # ---------------------------------------------------------------- gradient estimators
@@ -313,28 +605,65 @@ class GradientMoments:
     variance: dict[str, Tensor]
     num_draws: int
 
+    def snr(self) -> dict[str, Tensor]:
+        """Per-element signal-to-noise ratio |mean| / sd of a single draw, by parameter name.
+
+        0 where both are 0 (an element no draw moves).
+        """
+        tiny = torch.finfo(torch.float64).tiny
+        return {k: m.abs() / self.variance[k].sqrt().clamp_min(tiny) for k, m in self.mean.items()}
+
+
+#: Estimators :func:`encoder_gradient_moments` takes, per objective.
+_MOMENT_ESTIMATORS = {"elbo": ("score", "pathwise", "stl"), "iwae": ("pathwise", "dreg")}
+
+
+def _estimator_loss(
+    vae: VAE, estimator: str, objective: str, num_particles: int
+) -> tuple[Callable, Callable]:
+    """The guide and the ``differentiable_loss`` behind one estimator of the moments."""
+    fits = _MOMENT_ESTIMATORS.get(objective)
+    if fits is None:
+        raise ValueError(f"objective must be 'elbo' or 'iwae', got {objective!r}")
+    if estimator not in fits:
+        raise ValueError(
+            f"estimator must be {' or '.join(repr(e) for e in fits)} for objective "
+            f"{objective!r}, got {estimator!r}"
+        )
+    if estimator == "score":
+        guide, estimator = score_function()(vae.guide), "pathwise"
+    else:
+        guide = vae.guide
+    return guide, make_objective(objective, num_particles, estimator).differentiable_loss
+
 
 def encoder_gradient_moments(
-    vae: VAE, x: Tensor, num_draws: int, estimator: str = "pathwise", copies: int = 1
+    vae: VAE,
+    x: Tensor,
+    num_draws: int,
+    estimator: str = "pathwise",
+    copies: int = 1,
+    objective: str = "elbo",
+    num_particles: int = 1,
 ) -> GradientMoments:
-    r"""Per-element mean and variance of the single-draw gradient d(-ELBO / B)/d(encoder).
+    r"""Per-element mean and variance of the single-draw gradient d(-L / B)/d(encoder).
 
-    A single draw is ``Trace_ELBO`` with one z per image of x ``(B, P)``; ``estimator`` is
-    ``pathwise`` (reparameterized) or ``score`` (the same guide under :class:`score_function`).
-    To spare Pyro's per-call overhead, each of the ``num_draws`` calls stacks ``copies``
-    replicas of x, so it returns the average G of ``copies`` independent draws; then
-    Var(single draw) = copies * Var(G), and ``num_draws * copies`` draws enter the mean.
-    ``num_draws`` of the result counts single draws.
+    With ``objective="elbo"``, L is the ELBO (``Trace_ELBO``, ``num_particles`` z per image
+    of x ``(B, P)``) and ``estimator`` is ``pathwise`` (reparameterized), ``score`` (the same
+    guide under :class:`score_function`) or ``stl`` (:class:`STL_ELBO`); with ``iwae``, L is
+    the K = ``num_particles`` bound and ``estimator`` is ``pathwise`` (:class:`IWAE_ELBO`) or
+    ``dreg`` (:class:`DReG_IWAE_ELBO`). To spare Pyro's per-call overhead, each of the
+    ``num_draws`` calls stacks ``copies`` replicas of x, so it returns the average G of
+    ``copies`` independent draws; then Var(single draw) = copies * Var(G), and
+    ``num_draws * copies`` draws enter the mean. ``num_draws`` of the result counts single
+    draws.
     """
-    if estimator not in ("pathwise", "score"):
-        raise ValueError(f"estimator must be 'pathwise' or 'score', got {estimator!r}")
+    guide, loss_fn = _estimator_loss(vae, estimator, objective, num_particles)
     for name, value in (("num_draws", num_draws), ("copies", copies)):
         if not isinstance(value, int) or value < 1 + (name == "num_draws"):
             raise ValueError(
                 f"{name} must be an integer >= {1 + (name == 'num_draws')}, got {value!r}"
             )
-    guide = score_function()(vae.guide) if estimator == "score" else vae.guide
-    loss_fn = Trace_ELBO(max_plate_nesting=1).differentiable_loss
     params = {k: p for k, p in vae.encoder.named_parameters() if p.requires_grad}
     total = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     square = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}

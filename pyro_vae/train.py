@@ -24,7 +24,7 @@ from .data import Dataset
 from .distributed import ELBOLoss, Replica
 from .evaluate import elbo as elbo_per_point
 from .model import VAE
-from .objectives import OBJECTIVES, FreeBits_ELBO, make_objective
+from .objectives import OBJECTIVES, FreeBits_ELBO, check_gradient_estimator, make_objective
 from .resume import LAST, Progress, load_training_state, save_training_state
 from .schedules import LR_SCHEDULES, kl_weight, learning_rate, patience_exhausted
 from .validation import check_positive_int
@@ -104,6 +104,13 @@ class TrainConfig:
         free_bits: Nats per latent layer and image below which a layer's KL term is not
             pushed lower (:class:`~pyro_vae.objectives.FreeBits_ELBO`); 0: off. Objective
             ``elbo`` without jit only; ``train_elbo`` then logs that objective.
+        gradient_estimator: The encoder's gradient: ``pathwise`` (the objective's own
+            reparameterized gradient), ``stl`` for ``elbo`` and ``meanfield`` (sticking the
+            landing, :class:`~pyro_vae.objectives.STL_ELBO`) or ``dreg`` for ``iwae``
+            (doubly reparameterized, :class:`~pyro_vae.objectives.DReG_IWAE_ELBO`). Same
+            objective and decoder gradient; ``stl`` and ``dreg`` take neither jit nor free
+            bits, and refuse guides that score only their own draws (planar, radial,
+            Sylvester) at the first step.
     """
 
     num_epochs: int = 300
@@ -122,6 +129,7 @@ class TrainConfig:
     lr_min: float = 0.0
     patience: int | None = None
     free_bits: float = 0.0
+    gradient_estimator: str = "pathwise"
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "batch_size", "num_particles", "log_every"):
@@ -142,6 +150,12 @@ class TrainConfig:
         if self.jit and self.objective != "elbo":
             raise ValueError(f"jit=True needs objective 'elbo', got {self.objective!r}")
         self._check_recipes()
+        check_gradient_estimator(self.objective, self.gradient_estimator)
+        if self.gradient_estimator != "pathwise" and (self.jit or self.free_bits):
+            raise ValueError(
+                f"gradient_estimator {self.gradient_estimator!r} takes neither jit nor "
+                f"free_bits, got jit {self.jit}, free_bits {self.free_bits!r}"
+            )
 
     def _check_recipes(self) -> None:
         """Validate the KL warm-up, learning-rate schedule and early-stopping fields."""
@@ -188,7 +202,7 @@ def _make_loss(config: TrainConfig) -> ELBO:
         )
     if config.free_bits:
         return FreeBits_ELBO(config.free_bits, config.num_particles)
-    return make_objective(config.objective, config.num_particles)
+    return make_objective(config.objective, config.num_particles, config.gradient_estimator)
 
 
 def _make_optimizer(params: Iterable[Tensor], lr: float, device: torch.device) -> Adam:
