@@ -23,6 +23,7 @@ from .likelihoods import (  # noqa: E402
 from .model import VAE, ModelDraw, VAEConfig  # noqa: E402
 from .networks import ARCHS, NetworkPair, make_arch, register_arch  # noqa: E402
 from .priors import PRIORS, make_prior, register_prior  # noqa: E402
+from .runs import Run, load_run  # noqa: E402
 from .train import TrainConfig, fit  # noqa: E402
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "GUIDES",
     "LIKELIHOODS",
     "PRIORS",
+    "Run",
     "VAE",
     "AmortizedGuide",
     "DataSpec",
@@ -48,6 +50,7 @@ __all__ = [
     "fit",
     "load_checkpoint",
     "load_dataset",
+    "load_run",
     "log_likelihood",
     "make_arch",
     "make_guide",

@@ -32,6 +32,7 @@ from .pictures import save_image_grid
 from .presets import PRESETS
 from .priors import LATENTS, PRIORS
 from .resume import LAST
+from .runs import CONFIG, read_config_file, read_run, run_record, train_options
 from .schedules import LR_SCHEDULES
 from .train import (
     CHECKPOINT,
@@ -45,7 +46,6 @@ from .train import (
 
 __all__ = ["main"]
 
-CONFIG = "config.json"
 RUN_FILES = (CONFIG, CHECKPOINT, LAST, METRICS, "samples.png", "reconstructions.png")
 #: train flags that ``--resume`` accepts; every other setting comes from the run's config.json.
 RESUME_FLAGS = ("resume", "epochs", "lr", "clip_norm", "device", "quiet")
@@ -313,6 +313,14 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
         "--data is still needed",
     )
     parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="settings from a JSON or TOML file, e.g. a run's config.json (reproduces that "
+        "run); flags given here override them",
+    )
+    parser.add_argument(
         "--kl-warmup",
         type=_count,
         default=0,
@@ -342,12 +350,32 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse ``argv``; with ``train --preset NAME``, the preset's values become the defaults."""
+    """Parse ``argv``. For ``train``, ``--preset NAME`` and then ``--config FILE`` give the
+    defaults; flags written in ``argv`` override both."""
     args = build_parser().parse_args(argv)
-    if args.command == "train" and args.preset is not None:
-        preset = {"data": None, **PRESETS[args.preset].settings}
-        args = build_parser(train_defaults=preset).parse_args(argv)
-    return args
+    if args.command != "train" or (args.preset is None and args.config is None):
+        return args
+    defaults: dict[str, Any] = {}
+    if args.preset is not None:
+        defaults.update({"data": None, **PRESETS[args.preset].settings})
+    if args.config is not None:
+        defaults.update(_config_defaults(args.config))
+    return build_parser(train_defaults=defaults).parse_args(argv)
+
+
+def _config_defaults(path: Path) -> dict[str, Any]:
+    """``train`` option values from a config file (JSON or TOML, e.g. a run's config.json)."""
+    options = train_options(read_config_file(path), where=str(path))
+    dests = vars(build_parser().parse_args(["train"]))
+    unknown = sorted(set(options) - set(dests) - {"config", "preset", "resume"})
+    if unknown:
+        raise UsageError(f"{path}: unknown settings {unknown}")
+    for key, value in options.items():
+        if key.endswith("_option"):
+            options[key] = [tuple(pair) for pair in value]
+        elif isinstance(value, list) and key != "data":
+            options[key] = tuple(value)
+    return options
 
 
 class _Unset(list):
@@ -577,15 +605,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _read_run(run_dir: Path) -> dict[str, Any]:
-    if not (run_dir / CONFIG).is_file():
-        raise UsageError(
-            f"{run_dir}: not a run folder (no {CONFIG}); train one with "
-            "pyro-vae train --out RUN_DIR"
-        )
-    try:
-        return json.loads((run_dir / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f"{run_dir / CONFIG}: not valid JSON ({error})") from None
+    return read_run(run_dir)
 
 
 def _num_classes(data: Dataset, spec: DataSpec) -> int:
@@ -718,13 +738,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if replica.is_main:
         _write_json(
-            run_dir / CONFIG,
-            {
-                "version": __version__,
-                "model": config.to_dict(),
-                "train": vars(train_config),
-                "data": vars(spec),
-            },
+            run_dir / CONFIG, run_record(config, train_config, spec, getattr(args, "argv", None))
         )
         more = replica.world_size - 1
         print(
