@@ -579,6 +579,22 @@ class FreeBits_ELBO(Trace_ELBO):  # noqa: N801 (Pyro's naming)
             loss = loss - self._layer_terms(model_trace, guide_trace, draws)
         return loss / (1 if self.vectorize_particles else self.num_particles)
 
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """The value of :meth:`differentiable_loss` as a float, without building gradients."""
+        with torch.no_grad():
+            loss = torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """:meth:`differentiable_loss` backpropagated (what ``SVI.step`` calls); its value."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if torch.is_tensor(loss) and loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        loss = torch_item(loss.detach() if torch.is_tensor(loss) else loss)
+        warn_if_nan(loss, "loss")
+        return loss
+
     def _layer_terms(self, model_trace: Any, guide_trace: Any, draws: int) -> Tensor:  # noqa: ANN401
         """sum of scaled log-likelihoods minus the floored, scaled KL terms of one trace pair."""
         total = 0.0

@@ -457,11 +457,6 @@ def test_free_bits_average_vectorized_particles(float64: None) -> None:
     assert torch.allclose(value, expected, rtol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FreeBits_ELBO overrides only differentiable_loss: loss and loss_and_grads (what "
-    "SVI.step calls) are Trace_ELBO's and compute the plain ELBO",
-)
 def test_free_bits_loss_and_svi_step_are_the_free_bits_objective(float64: None) -> None:
     vae, x = _hvae("bottom-up", (3, 2)), _binary(6, P)
     elbo = FreeBits_ELBO(100.0)
