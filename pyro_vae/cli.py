@@ -28,7 +28,7 @@ from .likelihoods import LIKELIHOODS
 from .model import VAE, VAEConfig
 from .networks import ARCHS
 from .objectives import GRADIENT_ESTIMATORS, OBJECTIVES
-from .pictures import save_image_grid
+from .pictures import read_metrics, save_curves, save_image_grid
 from .presets import PRESETS
 from .priors import LATENTS, PRIORS
 from .resume import LAST
@@ -46,7 +46,17 @@ from .train import (
 
 __all__ = ["main"]
 
-RUN_FILES = (CONFIG, CHECKPOINT, LAST, METRICS, "samples.png", "reconstructions.png")
+RUN_FILES = (
+    CONFIG,
+    CHECKPOINT,
+    LAST,
+    METRICS,
+    "samples.png",
+    "reconstructions.png",
+    "curves.png",
+    "eval.json",
+    "gaps.json",
+)
 #: train flags that ``--resume`` accepts; every other setting comes from the run's config.json.
 RESUME_FLAGS = ("resume", "epochs", "lr", "clip_norm", "device", "quiet")
 
@@ -770,6 +780,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     condition = one_hot_labels(vae, data, "valid")
     condition = None if condition is None else condition.to(device)
     pictures = _save_pictures(vae, data.valid.to(device), run_dir, condition)
+    pictures.append(save_curves({run_dir.name: read_metrics(run_dir)}, run_dir / "curves.png"))
     early = len(history) < train_config.num_epochs  # only early stopping ends a run sooner
     note = f" (stopped early: patience {train_config.patience})" if early else ""
     print(
@@ -852,8 +863,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     extra = {"split": args.split}
     if len(vae.latent_sites) > 1:
         extra["layer_active_units"] = layer_active_units(vae, x.to(device))
+    record = {**result.to_dict(), **extra}
+    written = _record_evaluation(args.run_dir, record) if args.data is None else None
     if args.json:
-        print(json.dumps({**result.to_dict(), **extra}))
+        print(json.dumps(record))
         return 0
     print(
         f"{args.split} split, {result.num_points} images, K = {result.num_samples} "
@@ -876,7 +889,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  {label:<32}{value:10.3f}")
     for name, count in extra.get("layer_active_units", {}).items():
         print(f"  {'active units of layer ' + name:<32}{count:6d}")
+    if written is not None:
+        print(f"  wrote {written}")
     return 0
+
+
+def _record_evaluation(run_dir: Path, record: dict[str, Any]) -> Path:
+    """Keep ``record`` in ``run_dir/eval.json`` under its split (other splits stay)."""
+    path = run_dir / "eval.json"
+    try:
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        stored = {}  # unreadable: replaced by this evaluation
+    stored = stored if isinstance(stored, dict) else {}
+    stored[record["split"]] = record
+    _write_json(path, stored)
+    return path
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

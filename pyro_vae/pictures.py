@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from .checkpoint import atomic_write
 
-__all__ = ["save_image_grid", "tile"]
+__all__ = ["read_metrics", "save_curves", "save_image_grid", "tile"]
 
 
 def tile(images: Tensor, image_shape: tuple[int, int], border: int = 1) -> np.ndarray:
@@ -65,4 +66,53 @@ def save_image_grid(
     grid = np.kron(grid, np.ones((factor, factor)))
     path = Path(path)
     atomic_write(path, lambda tmp: imsave(tmp, grid, cmap="gray", vmin=0, vmax=1, format="png"))
+    return path
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, list[float]]:
+    """Columns ``epoch``, ``train_elbo``, ``valid_elbo`` of ``run_dir/metrics.csv``."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (not a run folder?)")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise ValueError(f"{path}: no epochs recorded yet")
+    keys = ("epoch", "train_elbo", "valid_elbo")
+    return {key: [float(row[key]) for row in rows] for key in keys}
+
+
+def save_curves(
+    runs: dict[str, dict[str, list[float]]], path: str | Path, floor: float | None = None
+) -> Path:
+    """Draw runs' curves (from :func:`read_metrics`, by label) into one PNG; returns its path.
+
+    The validation ELBO is solid with its best epoch marked, the train objective dashed, one
+    colour per run; ``floor`` cuts the y axis below (None: the lowest validation ELBO).
+    """
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    ax = fig.subplots()
+    for colour, (label, m) in zip(colormaps["tab10"].colors, runs.items(), strict=False):
+        ax.plot(m["epoch"], m["valid_elbo"], color=colour, label=f"{label} (valid)")
+        ax.plot(m["epoch"], m["train_elbo"], color=colour, linestyle="--", alpha=0.6)
+        best = max(range(len(m["epoch"])), key=m["valid_elbo"].__getitem__)
+        ax.plot(m["epoch"][best], m["valid_elbo"][best], "o", color=colour)
+    # the top follows the validation curves and the final train values: a KL warm-up's
+    # early train objective is no ELBO and would squeeze the curves that matter
+    top = max(max(*m["valid_elbo"], m["train_elbo"][-1]) for m in runs.values())
+    bottom = floor if floor is not None else min(min(m["valid_elbo"]) for m in runs.values())
+    ax.set_ylim(bottom, top + 0.05 * (top - bottom) + 1e-9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ELBO per image (nats)")
+    ax.set_title("validation ELBO (solid, best marked) and train objective (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path

@@ -123,3 +123,16 @@ def test_commands_refuse_a_malformed_run_record(tmp_path: Path, capsys) -> None:
             assert len(capsys.readouterr().err.strip().splitlines()) == 1
     with pytest.raises(RunError, match="not a usable run configuration"):
         load_run(run)
+
+
+def test_train_draws_curves_and_evaluate_keeps_each_split(
+    run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert (run_a / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for split in ("test", "valid"):
+        assert main(["evaluate", str(run_a), "--split", split, "--num-samples", "5"]) == 0
+    out = capsys.readouterr().out
+    stored = json.loads((run_a / "eval.json").read_text())
+    assert set(stored) == {"test", "valid"} and f"wrote {run_a / 'eval.json'}" in out
+    assert stored["valid"]["num_samples"] == 5 and stored["valid"]["split"] == "valid"
+    assert set(stored["test"]["layer_kl"]) == {"z1", "z2"}
