@@ -34,7 +34,10 @@ __all__ = [
     "TrainingDiverged",
     "TrainingInterrupted",
     "fit",
+    "make_loss",
+    "make_optimizer",
     "one_hot_labels",
+    "train_epoch",
     "write_metrics",
 ]
 
@@ -192,7 +195,9 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _make_loss(config: TrainConfig) -> ELBO:
+def make_loss(config: TrainConfig) -> ELBO:
+    """The Pyro ELBO that ``fit`` trains with under ``config`` (objective, estimator, jit,
+    free bits); wrap it with the VAE in :class:`~pyro_vae.distributed.ELBOLoss`."""
     if config.jit:
         return JitTrace_ELBO(
             num_particles=config.num_particles,
@@ -205,7 +210,7 @@ def _make_loss(config: TrainConfig) -> ELBO:
     return make_objective(config.objective, config.num_particles, config.gradient_estimator)
 
 
-def _make_optimizer(params: Iterable[Tensor], lr: float, device: torch.device) -> Adam:
+def make_optimizer(params: Iterable[Tensor], lr: float, device: torch.device) -> Adam:
     """One Adam over all parameters, fused into a few kernels where torch supports it."""
     version = tuple(int(part) for part in torch.__version__.split(".")[:2])
     fused = device.type == "cuda" or (device.type == "cpu" and version >= (2, 4))
@@ -268,9 +273,9 @@ def fit(
         run_dir.mkdir(parents=True, exist_ok=True)
     device = vae.prior_loc.device
     data = data.to(device)  # once: every minibatch is then indexed on the device
-    elbo_loss = ELBOLoss(vae, _make_loss(config))
+    elbo_loss = ELBOLoss(vae, make_loss(config))
     loss_fn = replica.wrap(elbo_loss)
-    optimizer = _make_optimizer(loss_fn.parameters(), config.lr, device)
+    optimizer = make_optimizer(loss_fn.parameters(), config.lr, device)
     generator = torch.Generator().manual_seed(config.seed)
     state = _restore(run_dir, vae, optimizer, generator, config) if resume else Progress()
     steps = replica.num_batches(data.train.shape[0], config.batch_size)
@@ -424,9 +429,7 @@ def _run_epoch(
     start = time.perf_counter()
     bar.set_description(f"epoch {epoch}/{config.num_epochs}")
     vae.train()
-    train_elbo = _train_epoch(
-        vae, data, loss_fn, optimizer, config, generator, epoch, bar, replica
-    )
+    train_elbo = train_epoch(vae, data, loss_fn, optimizer, config, generator, epoch, bar, replica)
     try:
         condition = one_hot_labels(vae, data, "valid")
         valid_elbo = _valid_elbo(vae, data.valid, config.batch_size, replica, condition)
@@ -479,7 +482,7 @@ def _end_epoch(
     return new
 
 
-def _train_epoch(
+def train_epoch(
     vae: VAE,
     data: Dataset,
     loss_fn: Callable[..., Tensor],
@@ -487,15 +490,19 @@ def _train_epoch(
     config: TrainConfig,
     generator: torch.Generator,
     epoch: int,
-    bar: tqdm,
-    replica: Replica,
+    bar: tqdm | None = None,
+    replica: Replica | None = None,
 ) -> float:
-    """One shuffled pass over the training split; returns its mean ELBO per image.
+    """One shuffled pass over the training split, as ``fit`` runs it; its mean ELBO per image.
 
-    ``loss_fn(x, num_data, subsample)`` is the (possibly wrapped) :class:`ELBOLoss`. Losses
-    (and, when clipping, gradient norms) stay on the device and are read back and checked
-    for NaN/inf every ``log_every`` steps, together with the parameters.
+    ``loss_fn(x, num_data, subsample)`` is the (possibly wrapped) :class:`ELBOLoss`
+    (:func:`make_loss`), ``optimizer`` e.g. :func:`make_optimizer`'s, ``generator`` orders the
+    minibatches, ``epoch`` (from 1) names the epoch in errors. Losses (and, when clipping,
+    gradient norms) stay on the device and are read back and checked for NaN/inf every
+    ``log_every`` steps, together with the parameters; ``bar`` is advanced once per step.
     """
+    bar = bar if bar is not None else tqdm(disable=True)
+    replica = replica or Replica()
     num_data = data.train.shape[0]
     total, seen = torch.zeros((), device=data.train.device), 0
     params = [p for group in optimizer.param_groups for p in group["params"]]

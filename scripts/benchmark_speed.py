@@ -21,15 +21,13 @@ import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from pyro_vae import GUIDES, VAE, VAEConfig
 from pyro_vae.cli import data_spec
 from pyro_vae.data import Dataset, load_dataset
-from pyro_vae.distributed import Replica
 from pyro_vae.guides import MIN_SCALE, make_guide
 from pyro_vae.networks import MLP
-from pyro_vae.train import TrainConfig, _make_optimizer, _train_epoch
+from pyro_vae.train import TrainConfig, make_optimizer, train_epoch
 
 VARIANTS = ("plain", "pyro", "jit", "local", "svi")
 LOG_2PI = math.log(2 * math.pi)
@@ -184,7 +182,7 @@ def plain_twin(
 
 
 def plain_epoch(model: nn.Module, data: Dataset, config: TrainConfig) -> Callable[[], None]:
-    optimizer = _make_optimizer(model.parameters(), config.lr, data.train.device)
+    optimizer = make_optimizer(model.parameters(), config.lr, data.train.device)
     generator = torch.Generator().manual_seed(config.seed)
 
     def run() -> None:
@@ -206,19 +204,16 @@ def plain_epoch(model: nn.Module, data: Dataset, config: TrainConfig) -> Callabl
 def pyro_vae_epoch(vae: VAE, data: Dataset, config: TrainConfig) -> Callable[[], None]:
     """Exactly fit()'s epoch: ELBOLoss, fused Adam, losses accumulated on the device."""
     from pyro_vae.distributed import ELBOLoss
-    from pyro_vae.train import _make_loss
+    from pyro_vae.train import make_loss
 
-    loss_fn = ELBOLoss(vae, _make_loss(config))
-    optimizer = _make_optimizer(vae.parameters(), config.lr, data.train.device)
+    loss_fn = ELBOLoss(vae, make_loss(config))
+    optimizer = make_optimizer(vae.parameters(), config.lr, data.train.device)
     generator = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(disable=True)
     epoch = iter(range(1, 10**9))
 
     def run() -> None:
         with pyro.validation_enabled(config.validate):  # as fit() runs it
-            _train_epoch(
-                vae, data, loss_fn, optimizer, config, generator, next(epoch), bar, Replica()
-            )
+            train_epoch(vae, data, loss_fn, optimizer, config, generator, next(epoch))
 
     return run
 

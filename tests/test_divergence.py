@@ -19,9 +19,9 @@ from pyro_vae.train import (
     METRICS,
     TrainConfig,
     TrainingDiverged,
-    _make_loss,
     _step,
     fit,
+    make_loss,
 )
 
 STEPS_PER_EPOCH = 3  # 48 images, batches of 16
@@ -99,7 +99,7 @@ def test_step_clips_the_gradient_norm() -> None:
     torch.manual_seed(0)
     data = tiny_data(dynamic=False)
     x = data.train[:16]
-    loss_fn = _make_loss(TrainConfig()).differentiable_loss
+    loss_fn = make_loss(TrainConfig()).differentiable_loss
     reference = tiny_vae()
     torch.manual_seed(1)
     loss_fn(reference.model, reference.guide, x, num_data=48).backward()
@@ -109,7 +109,7 @@ def test_step_clips_the_gradient_norm() -> None:
     vae = tiny_vae()
     before = [p.detach().clone() for p in vae.parameters()]
     torch.manual_seed(1)
-    step_loss = ELBOLoss(vae, _make_loss(TrainConfig()))
+    step_loss = ELBOLoss(vae, make_loss(TrainConfig()))
     sgd = torch.optim.SGD(vae.parameters(), lr=1.0)
     _, reported = _step(step_loss, sgd, x, 48, None, clip)
     torch.testing.assert_close(reported, norm)

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.infer import JitTrace_ELBO, Predictive, Trace_ELBO
-from robust_helpers import PIXELS, tiny_config, tiny_data, without_seconds
+from pyro.infer import Predictive, Trace_ELBO
+from robust_helpers import PIXELS, assert_jit_equals_eager, tiny_config, tiny_data, without_seconds
 from torch import Tensor, nn
 
 from pyro_vae import VAE, VAEConfig, load_checkpoint, save_checkpoint
@@ -558,19 +558,7 @@ def test_resume_is_bit_identical_for_two_layers(tmp_path: Path) -> None:
 @pytest.mark.parametrize("inference", ["bottom-up", "ladder"])
 def test_jit_loss_equals_the_eager_loss(float64: None, inference: str) -> None:
     vae, x = _hvae(inference, (3, 2)), _binary(7, P)
-    eager = ELBOLoss(vae, Trace_ELBO(max_plate_nesting=1))
-    compiled = ELBOLoss(vae, JitTrace_ELBO(max_plate_nesting=1, ignore_jit_warnings=True))
-    for n in (7, 4):  # a second batch size gets its own graph
-        compiled(x[:n], 50)  # compile
-        results = []
-        for loss_fn in (compiled, eager):
-            torch.manual_seed(1)  # the same noise draws
-            loss = loss_fn(x[:n], 50)
-            results.append((loss, torch.autograd.grad(loss, list(vae.parameters()))))
-        (loss_jit, grads_jit), (loss_eager, grads_eager) = results
-        assert torch.allclose(loss_jit, loss_eager, rtol=1e-12, atol=0)
-        for a, b in zip(grads_jit, grads_eager, strict=True):
-            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert_jit_equals_eager(vae, x)
 
 
 def test_predictive_samples_and_reconstructions_have_every_layer() -> None:

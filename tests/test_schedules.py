@@ -223,4 +223,4 @@ def test_old_train_configs_mean_no_recipe() -> None:
     config = TrainConfig(**old)
     assert (config.kl_warmup, config.lr_schedule, config.patience) == (0, "constant", None)
     assert {learning_rate(e, config.lr, config.lr_schedule, 3) for e in (1, 2, 3)} == {1e-3}
-    assert isinstance(train_module._make_loss(config), Trace_ELBO)
+    assert isinstance(train_module.make_loss(config), Trace_ELBO)
