@@ -16,7 +16,7 @@ import pyro
 import torch
 
 from . import __version__
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, read_payload
+from .checkpoint import CheckpointError, load_checkpoint, read_payload
 from .compare import CompareConfig, compare_guides
 from .data import BINARIZE_MODES, DATASETS, DataError, Dataset, DataSpec, load_dataset
 from .distributed import finish_worker, init_replica
@@ -32,7 +32,20 @@ from .pictures import read_metrics, save_curves, save_image_grid
 from .presets import PRESETS
 from .priors import LATENTS, PRIORS
 from .resume import LAST
-from .runs import CONFIG, read_config_file, read_run, run_record, train_options
+from .runs import (
+    CONFIG,
+    class_cycle,
+    discard_unstarted,
+    prepare_run_dir,
+    read_config_file,
+    read_run,
+    record_evaluation,
+    run_record,
+    save_run_pictures,
+    stored_data_spec,
+    train_options,
+    write_json,
+)
 from .schedules import LR_SCHEDULES
 from .train import (
     CHECKPOINT,
@@ -46,17 +59,6 @@ from .train import (
 
 __all__ = ["main"]
 
-RUN_FILES = (
-    CONFIG,
-    CHECKPOINT,
-    LAST,
-    METRICS,
-    "samples.png",
-    "reconstructions.png",
-    "curves.png",
-    "eval.json",
-    "gaps.json",
-)
 #: train flags that ``--resume`` accepts; every other setting comes from the run's config.json.
 RESUME_FLAGS = ("resume", "epochs", "lr", "clip_norm", "device", "quiet")
 
@@ -532,41 +534,6 @@ def data_spec(
     return DataSpec(name, path, binarize, seed, pixels=pixels)
 
 
-def _prepare_run_dir(
-    out: Path | None, data: DataSpec, guide: str, overwrite: bool, write: bool = True
-) -> tuple[Path, bool]:
-    """The run folder, emptied of an old run's files; also whether it was created here.
-
-    With ``write=False`` (a process other than rank 0) nothing is checked or touched.
-    """
-    run_dir = out or Path("runs") / f"{data.name}-{guide}"
-    if not write:  # another process owns the folder
-        return run_dir, False
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir}: exists and is not a folder")
-    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if existing and not overwrite:
-        raise UsageError(
-            f"--out {run_dir}: already holds a run ({', '.join(existing)}); pass "
-            f"--resume {run_dir} to continue it, --overwrite to replace it, or another --out"
-        )
-    for name in existing:
-        (run_dir / name).unlink()
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, created
-
-
-def _discard_unstarted(run_dir: Path, created: bool) -> None:
-    """Remove what a run wrote before its first epoch ended, so no empty run is left behind."""
-    if (run_dir / LAST).exists():
-        return
-    for name in (CONFIG, METRICS):
-        (run_dir / name).unlink(missing_ok=True)
-    if created and not any(run_dir.iterdir()):
-        run_dir.rmdir()
-
-
 def _resume_settings(args: argparse.Namespace) -> tuple[DataSpec, VAEConfig, TrainConfig]:
     """Data, model and training settings of the run in ``--resume RUN_DIR``."""
     run_dir = args.resume
@@ -585,7 +552,7 @@ def _resume_settings(args: argparse.Namespace) -> tuple[DataSpec, VAEConfig, Tra
             f"--resume {run_dir}: {flags} cannot change, the run's settings come from "
             f"{run_dir / CONFIG}; only --epochs, --lr, --clip-norm, --device, --quiet apply"
         )
-    run = _read_run(run_dir)
+    run = read_run(run_dir)
     if not (run_dir / LAST).is_file():
         raise UsageError(
             f"--resume {run_dir}: no {LAST} (no epoch finished); start again with --overwrite"
@@ -610,14 +577,6 @@ def _resume_settings(args: argparse.Namespace) -> tuple[DataSpec, VAEConfig, Tra
     return spec, config, train_config
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
-
-
-def _read_run(run_dir: Path) -> dict[str, Any]:
-    return read_run(run_dir)
-
-
 def _num_classes(data: Dataset, spec: DataSpec) -> int:
     """The number of classes a conditional VAE is conditioned on; an error without labels."""
     if data.num_classes is None:
@@ -633,43 +592,6 @@ def _layers(config: VAEConfig) -> str:
     if len(sizes) == 1:
         return words
     return f"{words}{len(sizes)} layers {tuple(sizes)}, {config.inference}, "
-
-
-def _stored_data_spec(run_dir: Path, run: dict[str, Any]) -> DataSpec:
-    """The DataSpec a run's config.json records."""
-    if not isinstance(run.get("data"), dict):
-        raise UsageError(f"{run_dir / CONFIG}: records no dataset to take images from")
-    try:
-        return DataSpec(**run["data"])
-    except TypeError as error:
-        raise UsageError(f"{run_dir / CONFIG}: not a usable data record ({error})") from None
-
-
-def _save_pictures(
-    vae: VAE, valid: torch.Tensor, run_dir: Path, condition: torch.Tensor | None = None
-) -> list[Path]:
-    """samples.png (64 prior samples) and reconstructions.png (data rows above their decodings).
-
-    Means are shown on the likelihood's value range, or on the data's range when unbounded.
-    A conditional VAE's samples take one column per class; ``condition`` conditions the
-    reconstructions of ``valid``.
-    """
-    shape = vae.config.image_shape
-    span = vae.likelihood.value_range() or (float(valid.min()), float(valid.max()))
-    width = vae.config.condition_dim
-    num_samples = 64 if not width else width * max(1, 64 // width)
-    generator = torch.Generator().manual_seed(0)
-    condition_samples = _class_cycle(vae, num_samples)
-    samples = vae.sample_images(num_samples, generator, condition_samples).cpu()
-    columns = min(8, valid.shape[0])
-    n = columns * min(4, valid.shape[0] // columns)
-    x, c = valid[:n], None if condition is None else condition[:n]
-    rows = torch.stack([x, vae.reconstruct(x, c)]).reshape(2, -1, columns, x.shape[-1])
-    pairs = rows.transpose(0, 1).reshape(-1, columns, x.shape[-1])  # data row, then its decoding
-    return [
-        save_image_grid(run_dir / "samples.png", samples, shape, width or None, value_range=span),
-        save_image_grid(run_dir / "reconstructions.png", pairs.cpu(), shape, value_range=span),
-    ]
 
 
 # ---------------------------------------------------------------- commands
@@ -743,11 +665,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resuming:
         run_dir, created = args.resume, False
     else:
-        run_dir, created = _prepare_run_dir(
+        run_dir, created = prepare_run_dir(
             args.out, spec, args.guide, args.overwrite, replica.is_main
         )
     if replica.is_main:
-        _write_json(
+        write_json(
             run_dir / CONFIG, run_record(config, train_config, spec, getattr(args, "argv", None))
         )
         more = replica.world_size - 1
@@ -772,14 +694,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _report_stop(error, run_dir, created)
     except BaseException:
         if replica.is_main:
-            _discard_unstarted(run_dir, created)
+            discard_unstarted(run_dir, created)
         raise
     if not replica.is_main:
         return 0
     vae, payload = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
     condition = one_hot_labels(vae, data, "valid")
     condition = None if condition is None else condition.to(device)
-    pictures = _save_pictures(vae, data.valid.to(device), run_dir, condition)
+    pictures = save_run_pictures(vae, data.valid.to(device), run_dir, condition)
     pictures.append(save_curves({run_dir.name: read_metrics(run_dir)}, run_dir / "curves.png"))
     early = len(history) < train_config.num_epochs  # only early stopping ends a run sooner
     note = f" (stopped early: patience {train_config.patience})" if early else ""
@@ -820,7 +742,7 @@ def _report_stop(
     error: TrainingDiverged | TrainingInterrupted, run_dir: Path, created: bool
 ) -> int:
     """One line on stderr for a diverged (status 1) or interrupted (status 130) run."""
-    _discard_unstarted(run_dir, created)
+    discard_unstarted(run_dir, created)
     saved = (run_dir / LAST).exists()
     if isinstance(error, TrainingInterrupted):
         hint = f"; continue with: pyro-vae train --resume {run_dir}" if saved else ""
@@ -836,12 +758,12 @@ def _report_stop(
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    run = _read_run(args.run_dir)
+    run = read_run(args.run_dir)
     vae, _ = load_checkpoint(args.run_dir / CHECKPOINT, map_location=device)
     if args.data is not None:
         spec = data_spec(args.data, args.binarize, likelihood=vae.config.likelihood)
     else:
-        spec = _stored_data_spec(args.run_dir, run)
+        spec = stored_data_spec(args.run_dir, run)
     data = load_dataset(spec)
     x = data.split(args.split)[: args.num_points]
     if x.shape[1] != vae.config.data_dim:
@@ -864,7 +786,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if len(vae.latent_sites) > 1:
         extra["layer_active_units"] = layer_active_units(vae, x.to(device))
     record = {**result.to_dict(), **extra}
-    written = _record_evaluation(args.run_dir, record) if args.data is None else None
+    written = record_evaluation(args.run_dir, record) if args.data is None else None
     if args.json:
         print(json.dumps(record))
         return 0
@@ -894,42 +816,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record_evaluation(run_dir: Path, record: dict[str, Any]) -> Path:
-    """Keep ``record`` in ``run_dir/eval.json`` under its split (other splits stay)."""
-    path = run_dir / "eval.json"
-    try:
-        stored = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        stored = {}  # unreadable: replaced by this evaluation
-    stored = stored if isinstance(stored, dict) else {}
-    stored[record["split"]] = record
-    _write_json(path, stored)
-    return path
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
-    _read_run(args.run_dir)
+    read_run(args.run_dir)
     vae, _ = load_checkpoint(args.run_dir / CHECKPOINT)
     out = args.out or args.run_dir / f"samples-{args.num_images}.png"
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: the picture is written as PNG; use a .png name")
     generator = torch.Generator().manual_seed(args.seed)
-    condition = _class_cycle(vae, args.num_images)
+    condition = class_cycle(vae, args.num_images)
     images = vae.sample_images(args.num_images, generator=generator, condition=condition)
     span = vae.likelihood.value_range()
     columns = vae.config.condition_dim or None  # a conditional VAE: one column per class
     grid = save_image_grid(out, images, vae.config.image_shape, columns, value_range=span)
     print(f"wrote {grid}")
     return 0
-
-
-def _class_cycle(vae: VAE, num_images: int) -> torch.Tensor | None:
-    """One-hot classes 0, 1, ..., C-1, 0, ... for ``num_images`` images; None if unconditional."""
-    width = vae.config.condition_dim
-    if not width:
-        return None
-    classes = torch.arange(num_images, device=vae.prior_loc.device) % width
-    return torch.nn.functional.one_hot(classes, width).float()
 
 
 def _objective(name: str) -> str:
@@ -998,11 +898,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_gaps(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    run = _read_run(args.run_dir)
+    run = read_run(args.run_dir)
     vae, _ = load_checkpoint(args.run_dir / CHECKPOINT, map_location=device)
     if vae.config.condition_dim:
         raise UsageError(f"{args.run_dir}: gaps takes an unconditional VAE (condition_dim 0)")
-    x = load_dataset(_stored_data_spec(args.run_dir, run)).split(args.split)[: args.num_points]
+    x = load_dataset(stored_data_spec(args.run_dir, run)).split(args.split)[: args.num_points]
     pyro.set_rng_seed(args.seed)
     split, _ = inference_gaps(
         vae,
@@ -1015,7 +915,7 @@ def cmd_gaps(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     result = {**split.to_dict(), "split": args.split}
-    _write_json(args.run_dir / "gaps.json", result)
+    write_json(args.run_dir / "gaps.json", result)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -1,5 +1,5 @@
-"""The run record (``config.json``): what it holds, reading it back, and the train options
-that rebuild its run."""
+"""The run folder: its files, the record in ``config.json`` (what it holds, reading it back,
+the train options that rebuild its run), its pictures and evaluation results."""
 
 from __future__ import annotations
 
@@ -13,21 +13,32 @@ from typing import Any
 
 import pyro
 import torch
+from torch import Tensor
 
 from . import __version__
+from .checkpoint import atomic_write
 from .data import DataSpec
 from .model import VAE, VAEConfig
+from .pictures import save_image_grid
 from .train import TrainConfig
 
 __all__ = [
     "CONFIG",
+    "RUN_FILES",
     "Run",
     "RunError",
+    "class_cycle",
+    "discard_unstarted",
     "load_run",
+    "prepare_run_dir",
     "read_config_file",
     "read_run",
+    "record_evaluation",
     "run_record",
+    "save_run_pictures",
+    "stored_data_spec",
     "train_options",
+    "write_json",
 ]
 
 CONFIG = "config.json"
@@ -217,3 +228,118 @@ def _check_fields(
     unknown = sorted(set(table) - set(cls.__dataclass_fields__) - set(ignore))
     if unknown:
         raise RunError(f"{where}: unknown {name} fields {unknown}")
+
+
+# ---------------------------------------------------------------- the run folder
+
+#: Files a run folder may hold; an existing run is recognized by any of them.
+RUN_FILES = (
+    CONFIG,
+    "checkpoint.pt",
+    "last.pt",
+    "metrics.csv",
+    "samples.png",
+    "reconstructions.png",
+    "curves.png",
+    "eval.json",
+    "gaps.json",
+)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON, atomically."""
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+
+
+def prepare_run_dir(
+    out: Path | None, data: DataSpec, guide: str, overwrite: bool, write: bool = True
+) -> tuple[Path, bool]:
+    """The run folder, emptied of an old run's files; also whether it was created here.
+
+    ``out`` defaults to ``runs/DATA-GUIDE``. With ``write=False`` (a process other than rank
+    0) nothing is checked or touched. RunError when it holds a run and not ``overwrite``.
+    """
+    run_dir = out or Path("runs") / f"{data.name}-{guide}"
+    if not write:  # another process owns the folder
+        return run_dir, False
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"--out {run_dir}: exists and is not a folder")
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise RunError(
+            f"--out {run_dir}: already holds a run ({', '.join(existing)}); pass "
+            f"--resume {run_dir} to continue it, --overwrite to replace it, or another --out"
+        )
+    for name in existing:
+        (run_dir / name).unlink()
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, created
+
+
+def discard_unstarted(run_dir: Path, created: bool) -> None:
+    """Remove what a run wrote before its first epoch ended, so no empty run is left behind."""
+    if (run_dir / "last.pt").exists():
+        return
+    for name in (CONFIG, "metrics.csv"):
+        (run_dir / name).unlink(missing_ok=True)
+    if created and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def stored_data_spec(run_dir: Path, record: dict[str, Any]) -> DataSpec:
+    """The DataSpec a run's record holds (RunError, one line, when it holds none)."""
+    if not isinstance(record.get("data"), dict):
+        raise RunError(f"{run_dir / CONFIG}: records no dataset to take images from")
+    try:
+        return DataSpec(**record["data"])
+    except TypeError as error:
+        raise RunError(f"{run_dir / CONFIG}: not a usable data record ({error})") from None
+
+
+def record_evaluation(run_dir: Path, record: dict[str, Any]) -> Path:
+    """Keep an evaluation ``record`` in ``run_dir/eval.json`` under its split (others stay)."""
+    path = run_dir / "eval.json"
+    try:
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        stored = {}  # unreadable: replaced by this evaluation
+    stored = stored if isinstance(stored, dict) else {}
+    stored[record["split"]] = record
+    write_json(path, stored)
+    return path
+
+
+def class_cycle(vae: VAE, num_images: int) -> Tensor | None:
+    """One-hot classes 0, 1, ..., C-1, 0, ... ``(n, C)`` for a conditional VAE, else None."""
+    width = vae.config.condition_dim
+    if not width:
+        return None
+    classes = torch.arange(num_images, device=vae.prior_loc.device) % width
+    return torch.nn.functional.one_hot(classes, width).float()
+
+
+def save_run_pictures(
+    vae: VAE, valid: Tensor, run_dir: Path, condition: Tensor | None = None
+) -> list[Path]:
+    """samples.png (64 prior samples) and reconstructions.png (data rows above their decodings).
+
+    Means are shown on the likelihood's value range, or on the data's range when unbounded.
+    A conditional VAE's samples take one column per class; ``condition`` conditions the
+    reconstructions of ``valid`` ``(N, P)``.
+    """
+    shape = vae.config.image_shape
+    span = vae.likelihood.value_range() or (float(valid.min()), float(valid.max()))
+    width = vae.config.condition_dim
+    num_samples = 64 if not width else width * max(1, 64 // width)
+    generator = torch.Generator().manual_seed(0)
+    samples = vae.sample_images(num_samples, generator, class_cycle(vae, num_samples)).cpu()
+    columns = min(8, valid.shape[0])
+    n = columns * min(4, valid.shape[0] // columns)
+    x, c = valid[:n], None if condition is None else condition[:n]
+    rows = torch.stack([x, vae.reconstruct(x, c)]).reshape(2, -1, columns, x.shape[-1])
+    pairs = rows.transpose(0, 1).reshape(-1, columns, x.shape[-1])  # data row, then its decoding
+    return [
+        save_image_grid(run_dir / "samples.png", samples, shape, width or None, value_range=span),
+        save_image_grid(run_dir / "reconstructions.png", pairs.cpu(), shape, value_range=span),
+    ]
