@@ -1,4 +1,4 @@
-"""Command line: ``pyro-vae train | evaluate | sample | compare | gaps``; seeds the RNGs."""
+"""Command line: ``pyro-vae train | evaluate | sample | compare | gaps | show``; seeds RNGs."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from .runs import (
     CONFIG,
     class_cycle,
     discard_unstarted,
+    format_runs,
     prepare_run_dir,
     read_config_file,
     read_run,
@@ -43,6 +44,7 @@ from .runs import (
     run_record,
     save_run_pictures,
     stored_data_spec,
+    summarize_run,
     train_options,
     write_json,
 )
@@ -299,6 +301,7 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     sample.add_argument("--seed", type=int, default=0)
     _add_compare_parser(commands)
     _add_gaps_parser(commands)
+    _add_show_parser(commands)
     if train_defaults:
         train.set_defaults(**train_defaults)
     return parser
@@ -454,6 +457,14 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
     cmp.add_argument("--out", type=Path, required=True, help="report folder")
     cmp.add_argument("--overwrite", action="store_true", help="replace an existing report")
     cmp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_show_parser(commands: argparse._SubParsersAction) -> None:
+    show = commands.add_parser("show", help="summarize run folders in one table")
+    show.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    show.add_argument("--curves", type=Path, default=None, metavar="OUT.png",
+                      help="also draw the runs' ELBO curves into one picture")  # fmt: skip
+    show.add_argument("--json", action="store_true", help="print one JSON object per run")
 
 
 def _add_gaps_parser(commands: argparse._SubParsersAction) -> None:
@@ -936,12 +947,28 @@ def cmd_gaps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    rows = [summarize_run(run_dir) for run_dir in args.run_dirs]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(format_runs(rows))
+    if args.curves is not None:
+        if args.curves.suffix.lower() != ".png":
+            raise UsageError(f"--curves {args.curves}: the picture is PNG; use a .png name")
+        curves = {str(run): read_metrics(run) for run in args.run_dirs}
+        print(f"wrote {save_curves(curves, args.curves)}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "sample": cmd_sample,
     "compare": cmd_compare,
     "gaps": cmd_gaps,
+    "show": cmd_show,
 }
 
 

@@ -19,7 +19,7 @@ from . import __version__
 from .checkpoint import atomic_write
 from .data import DataSpec
 from .model import VAE, VAEConfig
-from .pictures import save_image_grid
+from .pictures import read_metrics, save_image_grid
 from .train import TrainConfig
 
 __all__ = [
@@ -36,6 +36,8 @@ __all__ = [
     "record_evaluation",
     "run_record",
     "save_run_pictures",
+    "summarize_run",
+    "format_runs",
     "stored_data_spec",
     "train_options",
     "write_json",
@@ -343,3 +345,73 @@ def save_run_pictures(
         save_image_grid(run_dir / "samples.png", samples, shape, width or None, value_range=span),
         save_image_grid(run_dir / "reconstructions.png", pairs.cpu(), shape, value_range=span),
     ]
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def summarize_run(run_dir: str | Path) -> dict[str, Any]:
+    """One row about a run folder: its settings, progress and evaluation results (if any).
+
+    Keys: ``run``, ``data``, ``model`` (one line: layers, guide, prior, likelihood, arch),
+    ``epochs``, ``best_epoch``, ``best_valid_elbo``, ``last_train_elbo``, and from
+    ``eval.json`` the latest split's ``split``, ``log_likelihood``, ``elbo``, ``gap``.
+    """
+    run_dir = Path(run_dir)
+    record = read_run(run_dir)
+    model, data = record.get("model", {}), record.get("data", {})
+    sizes = model.get("latent_dims") or [model.get("latent_dim")]
+    row: dict[str, Any] = {
+        "run": str(run_dir),
+        "data": data.get("name", "?"),
+        "model": (
+            f"z {','.join(map(str, sizes))}"
+            + (f" {model.get('inference')}" if len(sizes) > 1 else "")
+            + f", {model.get('guide')}, {model.get('prior')} prior, "
+            f"{model.get('likelihood', 'bernoulli')}, {model.get('arch')}"
+        ),
+    }
+    try:
+        metrics = read_metrics(run_dir)
+    except (OSError, ValueError, KeyError):
+        metrics = None
+    if metrics is not None:
+        best = max(range(len(metrics["epoch"])), key=metrics["valid_elbo"].__getitem__)
+        row["epochs"] = int(metrics["epoch"][-1])
+        row["best_epoch"] = int(metrics["epoch"][best])
+        row["best_valid_elbo"] = metrics["valid_elbo"][best]
+        row["last_train_elbo"] = metrics["train_elbo"][-1]
+    try:
+        evaluations = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        evaluations = {}
+    if isinstance(evaluations, dict) and evaluations:
+        split = "test" if "test" in evaluations else sorted(evaluations)[0]
+        result = evaluations[split]
+        if isinstance(result, dict):
+            row["split"] = split
+            row.update({k: result.get(k) for k in ("log_likelihood", "elbo", "gap")})
+    return row
+
+
+def format_runs(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of :func:`summarize_run` rows (blank cells for what a run lacks)."""
+    columns = (
+        ("run", "run", "{}"),
+        ("data", "data", "{}"),
+        ("model", "model", "{}"),
+        ("epochs", "epochs", "{}"),
+        ("best_epoch", "best epoch", "{}"),
+        ("best_valid_elbo", "best valid ELBO", "{:.3f}"),
+        ("split", "evaluated", "{}"),
+        ("log_likelihood", "IS log p(x)", "{:.3f}"),
+        ("gap", "gap", "{:.3f}"),
+    )
+    lines = [
+        "| " + " | ".join(title for _, title, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for row in rows:
+        cells = ["" if row.get(key) is None else form.format(row[key]) for key, _, form in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

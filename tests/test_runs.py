@@ -136,3 +136,33 @@ def test_train_draws_curves_and_evaluate_keeps_each_split(
     assert set(stored) == {"test", "valid"} and f"wrote {run_a / 'eval.json'}" in out
     assert stored["valid"]["num_samples"] == 5 and stored["valid"]["split"] == "valid"
     assert set(stored["test"]["layer_kl"]) == {"z1", "z2"}
+
+
+def test_show_summarizes_runs_and_draws_their_curves(
+    run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["evaluate", str(run_a), "--num-samples", "5", "--quiet"]) == 0
+    bare = tmp_path / "bare"  # a run folder whose first epoch has not ended
+    bare.mkdir()
+    (bare / "config.json").write_text((run_a / "config.json").read_text())
+    capsys.readouterr()
+    picture = tmp_path / "curves.png"
+    assert main(["show", str(run_a), str(bare), "--curves", str(picture)]) == 2  # bare: no curve
+    assert "metrics.csv: no such file" in capsys.readouterr().err
+    assert main(["show", str(run_a), str(bare)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| run | data | model | epochs | best epoch | best valid ELBO")
+    stored = json.loads((run_a / "eval.json").read_text())["test"]
+    metrics = _metrics(run_a)
+    best = max(float(valid) for _, valid in metrics)
+    assert (
+        f"| {run_a} | digits | z 3,2 bottom-up, iaf, mixture prior, binomial, mlp | 2 |"
+        in lines[2]
+    )
+    assert (
+        f"| {best:.3f} | test | {stored['log_likelihood']:.3f} | {stored['gap']:.3f} |" in lines[2]
+    )
+    assert lines[3].endswith("|  |  |  |  |  |  |") and str(bare) in lines[3]
+    assert main(["show", str(run_a), "--json", "--curves", str(picture)]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["epochs"] == 2 and row["best_valid_elbo"] == best and picture.stat().st_size > 0
