@@ -157,7 +157,7 @@ def _toml(text: str) -> dict[str, Any]:
         try:
             import tomli as tomllib
         except ImportError:
-            raise RunError("reading TOML needs Python >= 3.11 or: pip install tomli") from None
+            raise RunError("reading TOML needs Python >= 3.11 or the tomli package") from None
     return tomllib.loads(text)
 
 
