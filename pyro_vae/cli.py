@@ -69,6 +69,16 @@ class UsageError(ValueError):
     """Bad command-line input; reported in one line with exit status 2."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it is empty (None, [], False) or its help names one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, [], False):
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
@@ -151,126 +161,54 @@ def _add_data_args(parser: argparse.ArgumentParser, default: Sequence[str] | Non
     )
 
 
-def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
-    """The ``pyro-vae`` parser; ``train_defaults`` replaces defaults of ``train`` options."""
+def build_parser(
+    train_defaults: dict[str, Any] | None = None, compare_defaults: dict[str, Any] | None = None
+) -> argparse.ArgumentParser:
+    """The ``pyro-vae`` parser; ``*_defaults`` replace defaults of train/compare options."""
     parser = _Parser(prog="pyro-vae", description="Variational autoencoders in Pyro.")
     parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = commands.add_parser("train", help="train a VAE and write a run folder")
-    _add_data_args(train, ["digits"])
-    train.add_argument("--guide", choices=sorted(GUIDES), default="full")
-    _add_options_arg(train, "guide", "tril_scale=0.03")
-    train.add_argument(
-        "--num-flows",
-        type=_positive_int,
-        default=None,
-        metavar="K",
-        help=f"maps in a flow guide ({', '.join(_flow_guides())}); default 4",
+    train = commands.add_parser(
+        "train",
+        help="train a VAE and write a run folder",
+        formatter_class=_HelpFormatter,
     )
-    train.add_argument(
-        "--flow-hidden-dims",
-        type=_int_list,
-        default=None,
-        help="hidden widths of each flow map's network, comma-separated; default 10 * latent",
-    )
-    train.add_argument("--latent-dim", type=_positive_int, default=16)
-    train.add_argument(
-        "--latent-dims",
-        type=_int_list,
-        default=None,
-        metavar="D1,...,DL",
-        help="L stochastic layers, sizes from z_1 (next to x) to z_L (under --prior); "
-        "replaces --latent-dim",
-    )
-    train.add_argument(
-        "--conditional",
-        action="store_true",
-        help="condition encoder and decoder on the data's labels, one-hot (a conditional VAE)",
-    )
-    train.add_argument(
-        "--inference",
-        choices=INFERENCES,
-        default="bottom-up",
-        help="posterior of several layers: bottom-up q(z_1|x) q(z_2|z_1,x)..., or ladder "
-        "(bottom-up pass merged with the top-down pass; diagonal)",
-    )
-    train.add_argument(
+    _add_data_args(train.add_argument_group("data"), ["digits"])
+    guide = train.add_argument_group("guide")
+    guide.add_argument("--guide", choices=sorted(GUIDES), default="full", help="q(z|x)")
+    _add_guide_args(guide)
+    guide.add_argument(
         "--layer-guides",
         type=_guide_list,
         default=None,
         metavar="G1,...,GL",
         help="guide of each layer, bottom-up (default: --guide for every layer)",
     )
-    train.add_argument(
-        "--arch",
-        choices=sorted(ARCHS),
-        default="mlp",
-        help="encoder/decoder networks: mlp, gated (gated linear layers), conv (28x28 only)",
-    )
-    _add_options_arg(train, "arch", "channels=[16,32]")
-    train.add_argument(
-        "--likelihood",
-        choices=sorted(LIKELIHOODS),
-        default="bernoulli",
-        help="p(x|z): bernoulli (binary pixels), continuous-bernoulli (intensities in [0, 1]), "
-        "binomial (integers 0..L), gaussian (real values); data are loaded to match",
-    )
-    _add_options_arg(train, "likelihood", "total_count=255 or scale=decoded")
-    train.add_argument("--prior", choices=sorted(PRIORS), default="standard")
-    _add_options_arg(train, "prior", "num_components=50")
-    train.add_argument(
-        "--latent",
-        choices=LATENTS,
-        default=None,
-        help="sphere: z on the unit sphere, uniform prior, --guide vmf (default: sphere for "
-        "--guide vmf, else euclidean)",
-    )
-    train.add_argument(
-        "--hidden-dims",
-        type=_int_list,
-        default=(200,),
-        help="encoder widths, comma-separated; the decoder mirrors them",
-    )
-    train.add_argument("--epochs", type=_positive_int, default=300)
-    train.add_argument("--batch-size", type=_positive_int, default=100)
-    train.add_argument("--lr", type=_positive_float, default=1e-3)
-    train.add_argument(
-        "--num-particles", type=_positive_int, default=1, help="vectorized z draws per image"
-    )
-    train.add_argument("--jit", action="store_true", help="compile the loss (JitTrace_ELBO)")
-    train.add_argument(
-        "--validate",
+    model = train.add_argument_group("model")
+    _add_model_args(model)
+    model.add_argument(
+        "--conditional",
         action="store_true",
-        help="keep Pyro's distribution checks on while training (slower; off by default)",
+        help="condition encoder and decoder on the data's labels, one-hot (a conditional VAE)",
     )
-    train.add_argument(
-        "--clip-norm",
-        type=_positive_float,
+    _add_optimization_args(train.add_argument_group("optimization"), epochs=300)
+    recipe = train.add_argument_group("recipe")
+    _add_recipe_args(recipe)
+    recipe.add_argument(
+        "--config",
+        type=Path,
         default=None,
-        help="clip the gradient's total norm to this value (default: no clipping)",
+        metavar="FILE",
+        help="settings from a JSON or TOML file, e.g. a run's config.json (reproduces that "
+        "run); flags given here override them",
     )
-    _add_objective_args(train)
-    _add_recipe_args(train)
-    train.add_argument(
-        "--free-bits",
-        type=_non_negative_float,
-        default=0.0,
-        metavar="NATS",
-        help="keep each latent layer's KL term at NATS per image or more (default 0: off)",
-    )
-    train.add_argument(
-        "--gradient-estimator",
-        choices=tuple(dict.fromkeys(e for fits in GRADIENT_ESTIMATORS.values() for e in fits)),
-        default="pathwise",
-        help="encoder gradient: pathwise (default), stl (sticking the landing; elbo, "
-        "meanfield) or dreg (doubly reparameterized; iwae)",
-    )
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    train.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME)")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    train.add_argument(
+    run = train.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0, help="initial weights and training draws")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    run.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    run.add_argument(
         "--resume",
         type=Path,
         default=None,
@@ -278,7 +216,7 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         help="continue the run in RUN_DIR from its last.pt (settings from its config.json; "
         "--epochs, --lr, --clip-norm may change)",
     )
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = commands.add_parser("evaluate", help="ELBO and IS log p(x) of a trained run")
     ev.add_argument("run_dir", type=Path)
@@ -299,12 +237,140 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     sample.add_argument("-n", "--num-images", type=_positive_int, default=64)
     sample.add_argument("--out", type=Path, default=None)
     sample.add_argument("--seed", type=int, default=0)
-    _add_compare_parser(commands)
+    compare = _add_compare_parser(commands)
     _add_gaps_parser(commands)
     _add_show_parser(commands)
     if train_defaults:
         train.set_defaults(**train_defaults)
+    if compare_defaults:
+        compare.set_defaults(**compare_defaults)
     return parser
+
+
+def _add_guide_args(group: argparse._ArgumentGroup) -> None:
+    """Options of the guide families: ``--guide-option``, ``--num-flows``, flow widths."""
+    _add_options_arg(group, "guide", "tril_scale=0.03")
+    group.add_argument(
+        "--num-flows",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help=f"maps in a flow guide ({', '.join(_flow_guides())}); 4 when not given",
+    )
+    group.add_argument(
+        "--flow-hidden-dims",
+        type=_int_list,
+        default=None,
+        help="hidden widths of each flow map's network, comma-separated (default: 10 * latent)",
+    )
+
+
+def _add_model_args(group: argparse._ArgumentGroup) -> None:
+    """Sizes, layers, networks, likelihood and prior: the model flags train and compare share."""
+    group.add_argument("--latent-dim", type=_positive_int, default=16, help="latent size D")
+    group.add_argument(
+        "--latent-dims",
+        type=_int_list,
+        default=None,
+        metavar="D1,...,DL",
+        help="L stochastic layers, sizes from z_1 (next to x) to z_L (under --prior); "
+        "replaces --latent-dim",
+    )
+    group.add_argument(
+        "--inference",
+        choices=INFERENCES,
+        default="bottom-up",
+        help="posterior of several layers: bottom-up q(z_1|x) q(z_2|z_1,x)..., or ladder "
+        "(bottom-up pass merged with the top-down pass; diagonal)",
+    )
+    group.add_argument(
+        "--hidden-dims",
+        type=_int_list,
+        default=(200,),
+        help="encoder widths, comma-separated; the decoder mirrors them",
+    )
+    group.add_argument(
+        "--arch",
+        choices=sorted(ARCHS),
+        default="mlp",
+        help="encoder/decoder networks: mlp, gated (gated linear layers), conv (28x28 only)",
+    )
+    _add_options_arg(group, "arch", "channels=[16,32]")
+    group.add_argument(
+        "--likelihood",
+        choices=sorted(LIKELIHOODS),
+        default="bernoulli",
+        help="p(x|z): bernoulli (binary pixels), continuous-bernoulli (intensities in [0, 1]), "
+        "binomial (integers 0..L), gaussian (real values); data are loaded to match",
+    )
+    _add_options_arg(group, "likelihood", "total_count=255 or scale=decoded")
+    group.add_argument("--prior", choices=sorted(PRIORS), default="standard", help="p(z)")
+    _add_options_arg(group, "prior", "num_components=50")
+    group.add_argument(
+        "--latent",
+        choices=LATENTS,
+        default=None,
+        help="sphere: z on the unit sphere, uniform prior, --guide vmf (default: the guide's)",
+    )
+
+
+def _add_optimization_args(group: argparse._ArgumentGroup, epochs: int) -> None:
+    """Epochs, batches, Adam, particles, the objective and its estimator, clipping."""
+    group.add_argument("--epochs", type=_positive_int, default=epochs, help="passes over train")
+    group.add_argument("--batch-size", type=_positive_int, default=100, help="images per step")
+    group.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    group.add_argument(
+        "--num-particles", type=_positive_int, default=1, help="vectorized z draws per image"
+    )
+    group.add_argument("--jit", action="store_true", help="compile the loss (JitTrace_ELBO)")
+    group.add_argument(
+        "--validate",
+        action="store_true",
+        help="keep Pyro's distribution checks on while training (slower)",
+    )
+    group.add_argument(
+        "--clip-norm",
+        type=_positive_float,
+        default=None,
+        help="clip the gradient's total norm to this value (default: no clipping)",
+    )
+    _add_objective_args(group)
+    group.add_argument(
+        "--free-bits",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="NATS",
+        help="keep each latent layer's KL term at NATS per image or more (0: off)",
+    )
+    group.add_argument(
+        "--gradient-estimator",
+        choices=tuple(dict.fromkeys(e for fits in GRADIENT_ESTIMATORS.values() for e in fits)),
+        default="pathwise",
+        help="encoder gradient: pathwise, stl (sticking the landing; elbo, meanfield) or dreg "
+        "(doubly reparameterized; iwae)",
+    )
+
+
+def _train_config(args: argparse.Namespace, seed: int | None = None) -> TrainConfig:
+    """The TrainConfig of the optimization and recipe flags (``seed`` replaces ``--seed``)."""
+    return TrainConfig(
+        num_epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        num_particles=args.num_particles,
+        seed=args.seed if seed is None else seed,
+        clip_norm=args.clip_norm,
+        objective=_objective(args.objective),
+        jit=args.jit,
+        validate=args.validate,
+        kl_warmup=args.kl_warmup,
+        lr_schedule=args.lr_schedule,
+        lr_gamma=args.lr_gamma,
+        lr_min=args.lr_min,
+        patience=args.patience,
+        free_bits=args.free_bits,
+        gradient_estimator=args.gradient_estimator,
+    )
 
 
 def _add_options_arg(parser: argparse.ArgumentParser, axis: str, example: str) -> None:
@@ -328,39 +394,33 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
         "--data is still needed",
     )
     parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="settings from a JSON or TOML file, e.g. a run's config.json (reproduces that "
-        "run); flags given here override them",
-    )
-    parser.add_argument(
         "--kl-warmup",
         type=_count,
         default=0,
         metavar="EPOCHS",
-        help="weight the KL term by beta rising linearly from 0 to 1 over EPOCHS (default 0: off)",
+        help="weight the KL term by beta rising linearly from 0 to 1 over EPOCHS (0: off)",
     )
-    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
+    parser.add_argument(
+        "--lr-schedule", choices=LR_SCHEDULES, default="constant", help="learning rate per epoch"
+    )
     parser.add_argument(
         "--lr-gamma",
         type=_positive_float,
         default=0.99,
-        help="per-epoch factor of --lr-schedule exponential, in (0, 1] (default 0.99)",
+        help="per-epoch factor of --lr-schedule exponential, in (0, 1]",
     )
     parser.add_argument(
         "--lr-min",
         type=float,
         default=0.0,
-        help="floor of the exponential and cosine schedules (default 0)",
+        help="floor of the exponential and cosine schedules",
     )
     parser.add_argument(
         "--patience",
         type=_positive_int,
         default=None,
         metavar="N",
-        help="stop after N epochs without a better validation ELBO (default: off)",
+        help="stop after N epochs without a better validation ELBO (None: off)",
     )
 
 
@@ -368,13 +428,17 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     """Parse ``argv``. For ``train``, ``--preset NAME`` and then ``--config FILE`` give the
     defaults; flags written in ``argv`` override both."""
     args = build_parser().parse_args(argv)
-    if args.command != "train" or (args.preset is None and args.config is None):
+    preset, config = getattr(args, "preset", None), getattr(args, "config", None)
+    if preset is None and config is None:
         return args
     defaults: dict[str, Any] = {}
-    if args.preset is not None:
-        defaults.update({"data": None, **PRESETS[args.preset].settings})
-    if args.config is not None:
-        defaults.update(_config_defaults(args.config))
+    if preset is not None:
+        defaults.update({"data": None, **PRESETS[preset].settings})
+    if config is not None:
+        defaults.update(_config_defaults(config))
+    if args.command == "compare":  # the guides are compared: a preset's guide is not
+        defaults.pop("guide", None)
+        return build_parser(compare_defaults=defaults).parse_args(argv)
     return build_parser(train_defaults=defaults).parse_args(argv)
 
 
@@ -432,31 +496,31 @@ def _guide_list(text: str) -> tuple[str, ...]:
     return keys
 
 
-def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
-    cmp = commands.add_parser("compare", help="train several guides over seeds and compare them")
-    _add_data_args(cmp, ["digits"])
-    cmp.add_argument("--guides", type=_guide_list, default=("diagonal", "full"))
-    cmp.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds, 0..N-1")
-    cmp.add_argument("--epochs", type=_positive_int, default=100)
-    cmp.add_argument("--num-samples", type=_positive_int, default=5000)
-    cmp.add_argument("--latent-dim", type=_positive_int, default=16)
-    cmp.add_argument("--hidden-dims", type=_int_list, default=(200,))
-    cmp.add_argument("--latent-dims", type=_int_list, default=None, metavar="D1,...,DL")
-    cmp.add_argument("--inference", choices=INFERENCES, default="bottom-up")
-    cmp.add_argument("--arch", choices=sorted(ARCHS), default="mlp")
-    _add_options_arg(cmp, "arch", "channels=[16,32]")
-    cmp.add_argument("--prior", choices=sorted(PRIORS), default="standard")
-    _add_options_arg(cmp, "prior", "num_components=50")
-    cmp.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default="bernoulli")
-    _add_options_arg(cmp, "likelihood", "total_count=255")
-    cmp.add_argument("--batch-size", type=_positive_int, default=100)
-    cmp.add_argument("--lr", type=_positive_float, default=1e-3)
-    cmp.add_argument("--num-particles", type=_positive_int, default=1)
-    _add_objective_args(cmp)
-    cmp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    cmp.add_argument("--out", type=Path, required=True, help="report folder")
-    cmp.add_argument("--overwrite", action="store_true", help="replace an existing report")
-    cmp.add_argument("--quiet", action="store_true", help="no progress bar")
+def _add_compare_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    cmp = commands.add_parser(
+        "compare",
+        help="train several guides over seeds and compare them",
+        formatter_class=_HelpFormatter,
+    )
+    _add_data_args(cmp.add_argument_group("data"), ["digits"])
+    guides = cmp.add_argument_group("guides")
+    guides.add_argument(
+        "--guides", type=_guide_list, default=("diagonal", "full"), help="comma-separated"
+    )
+    _add_guide_args(guides)
+    _add_model_args(cmp.add_argument_group("model"))
+    _add_optimization_args(cmp.add_argument_group("optimization"), epochs=100)
+    _add_recipe_args(cmp.add_argument_group("recipe"))
+    run = cmp.add_argument_group("comparison")
+    run.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds, 0..N-1")
+    run.add_argument(
+        "--num-samples", type=_positive_int, default=5000, help="importance samples K"
+    )
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    run.add_argument("--out", type=Path, required=True, help="report folder")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    return cmp
 
 
 def _add_show_parser(commands: argparse._SubParsersAction) -> None:
@@ -490,16 +554,21 @@ def _flow_guides() -> list[str]:
     return sorted(key for key, cls in GUIDES.items() if issubclass(cls, FlowGuide))
 
 
-def guide_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--guide-option`` pairs plus the flow flags (recorded only for flow guides)."""
+def guide_options(args: argparse.Namespace, key: str | None = None) -> dict[str, Any]:
+    """``--guide-option`` pairs plus the flow flags (recorded only for flow guides).
+
+    ``key`` is the guide they are for (default ``--guide``); ``compare`` asks for each guide
+    it compares, and there the flow flags apply to its flow guides only.
+    """
+    key = args.guide if key is None else key
     options = dict(args.guide_option)
     flags = {"--num-flows": args.num_flows, "--flow-hidden-dims": args.flow_hidden_dims}
-    if not issubclass(GUIDES[args.guide], FlowGuide):
+    if not issubclass(GUIDES[key], FlowGuide):
         given = [flag for flag, value in flags.items() if value is not None]
-        if given:
+        if given and args.command == "train":
             raise UsageError(
                 f"{given[0]} applies to the flow guides ({', '.join(_flow_guides())}), "
-                f"not to --guide {args.guide}"
+                f"not to --guide {key}"
             )
         return options
     if args.num_flows is not None or "num_flows" not in options:
@@ -619,24 +688,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"--preset {args.preset} needs the data: add --data binarized-mnist PATH"
             )
         spec, config = data_spec(args.data, args.binarize, likelihood=args.likelihood), None
-        train_config = TrainConfig(
-            num_epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            num_particles=args.num_particles,
-            seed=args.seed,
-            clip_norm=args.clip_norm,
-            objective=_objective(args.objective),
-            jit=args.jit,
-            validate=args.validate,
-            kl_warmup=args.kl_warmup,
-            lr_schedule=args.lr_schedule,
-            lr_gamma=args.lr_gamma,
-            lr_min=args.lr_min,
-            patience=args.patience,
-            free_bits=args.free_bits,
-            gradient_estimator=args.gradient_estimator,
-        )
+        train_config = _train_config(args)
     data = load_dataset(spec)
     if train_config.batch_size > data.train.shape[0]:
         raise UsageError(
@@ -849,6 +901,8 @@ def _objective(name: str) -> str:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    if args.data is None:
+        raise UsageError(f"--preset {args.preset} needs the data: add --data binarized-mnist PATH")
     spec = data_spec(args.data, args.binarize, likelihood=args.likelihood)
     data = load_dataset(spec)
     likelihood_options = LIKELIHOODS[args.likelihood].options_for_data(
@@ -860,18 +914,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         latent_dim=args.latent_dim,
         hidden_dims=args.hidden_dims,
-        train=TrainConfig(
-            num_epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            num_particles=args.num_particles,
-            objective=_objective(args.objective),
-        ),
+        train=_train_config(args, seed=0),
+        guide_options={key: guide_options(args, key) for key in args.guides},
         model_options={
             "arch": args.arch,
             "arch_options": dict(args.arch_option),
             "prior": args.prior,
             "prior_options": dict(args.prior_option),
+            "latent": args.latent,
             "likelihood": args.likelihood,
             "likelihood_options": likelihood_options,
             "latent_dims": args.latent_dims,

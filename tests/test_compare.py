@@ -148,3 +148,35 @@ def test_cli_compare_smoke_and_refuses_to_overwrite(
     assert "--overwrite" in capsys.readouterr().err
     assert main([*argv[:4], "diagonal,flowz", *argv[5:]]) == 2
     assert "'flowz'" in capsys.readouterr().err
+
+
+def test_compare_takes_the_model_and_recipe_flags_of_train(tmp_path: Path) -> None:
+    from pyro_vae.cli import _parse
+
+    args = _parse(["compare", "--preset", "mnist-gated", "--epochs", "3", "--out", "r"])
+    assert (args.arch, args.latent_dim, args.hidden_dims) == ("gated", 40, (300, 300))
+    assert (args.kl_warmup, args.lr_schedule, args.epochs) == (30, "exponential", 3)
+    assert args.guides == ("diagonal", "full")  # a preset's guide is not the comparison's
+    out = tmp_path / "cmp"
+    argv = ["compare", "--guides", "diagonal,iaf", "--num-flows", "2", "--seeds", "1"]
+    argv += ["--epochs", "2", "--kl-warmup", "1", "--lr-schedule", "cosine", "--num-samples"]
+    argv += ["5", "--latent-dim", "2", "--hidden-dims", "8", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    records = {
+        key: json.loads((out / "runs" / f"{key}-seed0" / "config.json").read_text())
+        for key in ("diagonal", "iaf")
+    }
+    assert records["iaf"]["model"]["guide_options"] == {"num_flows": 2}
+    assert records["diagonal"]["model"]["guide_options"] == {}  # flow flags: flow guides only
+    for record in records.values():
+        assert (record["train"]["kl_warmup"], record["train"]["lr_schedule"]) == (1, "cosine")
+
+
+def test_train_help_groups_the_flags_and_shows_defaults(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for group in ("data:", "guide:", "model:", "optimization:", "recipe:", "run:"):
+        assert f"\n{group}\n" in text, group
+    assert "(default: 300)" in text and "(default: full)" in text
+    assert "(default: None)" not in text and "(default: [])" not in text
