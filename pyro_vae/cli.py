@@ -1,4 +1,4 @@
-"""Command line: ``pyro-vae train | evaluate | sample | compare | gaps | show``; seeds RNGs."""
+"""Command line: ``pyro-vae train | evaluate | sample | compare | gaps | show | latent``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from .evaluate import evaluate, layer_active_units
 from .gaps import inference_gaps
 from .guides import GUIDES, FlowGuide
 from .hierarchy import INFERENCES
+from .latent_space import save_latent_pictures
 from .likelihoods import LIKELIHOODS
 from .model import VAE, VAEConfig
 from .networks import ARCHS
@@ -240,6 +241,7 @@ def build_parser(
     compare = _add_compare_parser(commands)
     _add_gaps_parser(commands)
     _add_show_parser(commands)
+    _add_latent_parser(commands)
     if train_defaults:
         train.set_defaults(**train_defaults)
     if compare_defaults:
@@ -521,6 +523,21 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> argparse.Argume
     run.add_argument("--overwrite", action="store_true", help="replace an existing report")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     return cmp
+
+
+def _add_latent_parser(commands: argparse._SubParsersAction) -> None:
+    latent = commands.add_parser(
+        "latent",
+        help="pictures of a run's latent space: codes in 2-D, interpolations, traversals",
+        formatter_class=_HelpFormatter,
+    )
+    latent.add_argument("run_dir", type=Path)
+    latent.add_argument("--split", choices=("test", "valid", "train"), default="test")
+    latent.add_argument(
+        "--num-points", type=_positive_int, default=1000, help="images whose codes are drawn"
+    )
+    latent.add_argument("--out", type=Path, default=None, help="folder (default: the run's)")
+    latent.add_argument("--seed", type=int, default=0, help="draws of flow guides' codes")
 
 
 def _add_show_parser(commands: argparse._SubParsersAction) -> None:
@@ -997,6 +1014,23 @@ def cmd_gaps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latent(args: argparse.Namespace) -> int:
+    run = read_run(args.run_dir)
+    vae, _ = load_checkpoint(args.run_dir / CHECKPOINT)
+    data = load_dataset(stored_data_spec(args.run_dir, run))
+    x = data.split(args.split)[: args.num_points]
+    labels = data.labels(args.split)
+    labels = None if labels is None else labels[: args.num_points]
+    condition = one_hot_labels(vae, data, args.split)
+    condition = None if condition is None else condition[: args.num_points]
+    out = args.out or args.run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    pyro.set_rng_seed(args.seed)
+    for path in save_latent_pictures(vae, x, out, labels, condition):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     rows = [summarize_run(run_dir) for run_dir in args.run_dirs]
     if args.json:
@@ -1019,6 +1053,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "gaps": cmd_gaps,
     "show": cmd_show,
+    "latent": cmd_latent,
 }
 
 

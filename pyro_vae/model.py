@@ -534,8 +534,12 @@ class VAE(PyroModule):
         return self.decode(z, condition)
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
-        """Means ``(B, P)`` decoded from the mean of q(z | x, c) (a sample for flows)."""
+    def encode(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        """A point code z_1 ``(B, D)`` of each image ``(B, P)``: the mean of q(z_1 | x, c).
+
+        The mode on the sphere (the vMF mean lies inside it), one draw for flows (no closed
+        form), and the chain of posterior means from the top for a ladder posterior.
+        """
         self._check_condition(condition)
         x_in = join(x, condition)
         if isinstance(self.encoder, LadderPosterior):  # top-down through the posterior means
@@ -543,15 +547,19 @@ class VAE(PyroModule):
             z = ups[-1][0]
             for index in reversed(range(len(ups) - 1)):
                 z = merge_gaussians(*ups[index], *self.transitions[index].loc_scale(z))[0]
-            return self.decode(z, condition)
+            return z
         if isinstance(self.encoder, BottomUpPosterior):
             posterior = self.encoder.posterior(0, x_in, None)
         else:
             posterior = self.encoder(x_in)
         if isinstance(posterior, VonMisesFisher):
-            return self.decode(posterior.loc, condition)  # the mode; the mean is inside the sphere
+            return posterior.loc
         try:
-            z = posterior.mean
+            return posterior.mean
         except NotImplementedError:  # flows have no closed-form mean: use one sample
-            z = posterior.sample()
-        return self.decode(z, condition)
+            return posterior.sample()
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        """Means ``(B, P)`` decoded from :meth:`encode`'s code of each image."""
+        return self.decode(self.encode(x, condition), condition)

@@ -245,6 +245,9 @@ RUN_FILES = (
     "curves.png",
     "eval.json",
     "gaps.json",
+    "latent.png",
+    "interpolation.png",
+    "traversal.png",
 )
 
 
