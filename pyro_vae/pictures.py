@@ -18,13 +18,15 @@ __all__ = ["read_metrics", "save_curves", "save_image_grid", "tile"]
 def tile(images: Tensor, image_shape: tuple[int, int], border: int = 1) -> np.ndarray:
     """Arrange images ``(R, C, P)`` with values in [0, 1] into one ``(H, W)`` array.
 
-    Cells are separated by ``border`` pixels of mid-grey.
+    Cells are separated by ``border`` pixels of mid-grey; NaN pixels (an empty cell) are
+    mid-grey too.
     """
     if images.dim() != 3:
         raise ValueError(f"images must have shape (rows, cols, pixels), got {tuple(images.shape)}")
     rows, cols, _ = images.shape
     h, w = image_shape
     cells = images.detach().float().cpu().clamp(0, 1).reshape(rows, cols, h, w)
+    cells = cells.nan_to_num(0.5)  # empty cells (NaN) take the border's grey
     out = torch.full((rows * (h + border) + border, cols * (w + border) + border), 0.5)
     for r in range(rows):
         for c in range(cols):
@@ -43,6 +45,9 @@ def save_image_grid(
 ) -> Path:
     """Write images ``(n, P)`` (or ``(R, C, P)``) as a grey PNG grid; returns the path.
 
+    ``(n, P)`` images fill rows of ``columns`` (default about sqrt(n)); the cells left over in
+    the last row stay empty (background grey), never white images.
+
     Pixel values in ``value_range`` (low, high) map to black..white (e.g. ``(0, 16)`` for
     binomial means of 17-level images); None uses the images' own smallest and largest
     values. Small images are enlarged by whole-pixel repetition so the file is at least
@@ -59,7 +64,7 @@ def save_image_grid(
         n = images.shape[0]
         columns = columns or math.ceil(math.sqrt(n))
         rows = math.ceil(n / columns)
-        pad = images.new_ones(rows * columns - n, images.shape[1])
+        pad = images.new_full((rows * columns - n, images.shape[1]), float("nan"))  # no cell
         images = torch.cat([images, pad]).reshape(rows, columns, -1)
     grid = tile(images, image_shape)
     factor = max(1, math.ceil(min_size / grid.shape[1]))

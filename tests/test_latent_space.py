@@ -81,3 +81,14 @@ def test_encode_is_what_reconstruct_decodes(sizes: tuple[int, ...]) -> None:
     vae, x = VAE(config), torch.rand(5, 6).round()
     assert torch.equal(vae.reconstruct(x), vae.decode(vae.encode(x)))
     assert vae.encode(x).shape == (5, sizes[0])
+
+
+def test_image_grids_leave_the_cells_after_the_last_image_empty() -> None:
+    from pyro_vae.pictures import tile
+
+    images = torch.ones(5, 4)  # five white 2x2 images in rows of three
+    grid = tile(torch.cat([images, torch.full((1, 4), float("nan"))]).reshape(2, 3, 4), (2, 2))
+    assert grid.shape == (2 * 3 + 1, 3 * 3 + 1)
+    white = grid == 1.0
+    assert int(white.sum()) == 5 * 4  # the five images, and no sixth
+    assert (grid[4:6, 7:9] == 0.5).all()  # the empty cell is background
