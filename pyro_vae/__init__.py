@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .callbacks import Callback, TensorBoardCallback  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .data import DATASETS, Dataset, DataSpec, load_dataset, register_dataset  # noqa: E402
 from .evaluate import Evaluation, elbo, evaluate, log_likelihood  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "Run",
     "VAE",
     "AmortizedGuide",
+    "Callback",
     "DataSpec",
     "Dataset",
     "Evaluation",
@@ -42,6 +44,7 @@ __all__ = [
     "LowRankNormalGuide",
     "ModelDraw",
     "NetworkPair",
+    "TensorBoardCallback",
     "TrainConfig",
     "VAEConfig",
     "__version__",

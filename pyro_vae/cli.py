@@ -16,6 +16,7 @@ import pyro
 import torch
 
 from . import __version__
+from .callbacks import TensorBoardCallback
 from .checkpoint import CheckpointError, load_checkpoint, read_payload
 from .compare import CompareConfig, compare_guides
 from .data import BINARIZE_MODES, DATASETS, DataError, Dataset, DataSpec, load_dataset
@@ -35,7 +36,6 @@ from .priors import LATENTS, PRIORS
 from .resume import LAST
 from .runs import (
     CONFIG,
-    class_cycle,
     discard_unstarted,
     format_runs,
     prepare_run_dir,
@@ -63,7 +63,7 @@ from .train import (
 __all__ = ["main"]
 
 #: train flags that ``--resume`` accepts; every other setting comes from the run's config.json.
-RESUME_FLAGS = ("resume", "epochs", "lr", "clip_norm", "device", "quiet")
+RESUME_FLAGS = ("resume", "epochs", "lr", "clip_norm", "device", "quiet", "tensorboard")
 
 
 class UsageError(ValueError):
@@ -218,6 +218,11 @@ def build_parser(
         "--epochs, --lr, --clip-norm may change)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="log ELBOs, KL, lr and sample images to RUN_DIR/tensorboard (needs tensorboard)",
+    )
 
     ev = commands.add_parser("evaluate", help="ELBO and IS log p(x) of a trained run")
     ev.add_argument("run_dir", type=Path)
@@ -674,6 +679,16 @@ def _resume_settings(args: argparse.Namespace) -> tuple[DataSpec, VAEConfig, Tra
     return spec, config, train_config
 
 
+def _require_tensorboard() -> None:
+    """UsageError (one line) unless TensorBoard's writer imports."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--tensorboard needs the tensorboard package: pip install 'pyro-vae[tensorboard]'"
+        ) from None
+
+
 def _num_classes(data: Dataset, spec: DataSpec) -> int:
     """The number of classes a conditional VAE is conditioned on; an error without labels."""
     if data.num_classes is None:
@@ -736,6 +751,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             condition_dim=_num_classes(data, spec) if args.conditional else 0,
         )
     config.check_data(data.valid, data.pixels, "the validation images")
+    if args.tensorboard:
+        _require_tensorboard()
     replica, device = init_replica(device)  # under torchrun: join the process group
     if replica.world_size > 1 and (args.jit or resuming):
         raise UsageError("--jit and --resume are not supported with several processes")
@@ -763,10 +780,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             + (f" and {more} more processes" if more else ""),
             file=sys.stderr,
         )
+    callbacks = []
+    if args.tensorboard and replica.is_main:
+        callbacks.append(TensorBoardCallback(run_dir / "tensorboard", data.valid))
     try:
         with _sigterm_as_interrupt():
             history = fit(
-                vae, data, train_config, run_dir, not args.quiet, resume=resuming, replica=replica
+                vae, data, train_config, run_dir, not args.quiet, resuming, replica, callbacks
             )
     except (TrainingDiverged, TrainingInterrupted) as error:
         if not replica.is_main:
@@ -903,7 +923,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: the picture is written as PNG; use a .png name")
     generator = torch.Generator().manual_seed(args.seed)
-    condition = class_cycle(vae, args.num_images)
+    condition = vae.class_cycle(args.num_images)
     images = vae.sample_images(args.num_images, generator=generator, condition=condition)
     span = vae.likelihood.value_range()
     columns = vae.config.condition_dim or None  # a conditional VAE: one column per class

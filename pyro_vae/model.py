@@ -516,6 +516,14 @@ class VAE(PyroModule):
         self._check_condition(condition)
         return self.likelihood.mean(self.decoder(join(z, condition)))
 
+    def class_cycle(self, num_images: int) -> Tensor | None:
+        """One-hot classes 0, 1, ..., C-1, 0, ... ``(n, C)`` for a conditional VAE, else None."""
+        width = self.config.condition_dim
+        if not width:
+            return None
+        classes = torch.arange(num_images, device=self.prior_loc.device) % width
+        return torch.nn.functional.one_hot(classes, width).float()
+
     @torch.no_grad()
     def sample_images(
         self,

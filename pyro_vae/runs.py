@@ -27,7 +27,6 @@ __all__ = [
     "RUN_FILES",
     "Run",
     "RunError",
-    "class_cycle",
     "discard_unstarted",
     "load_run",
     "prepare_run_dir",
@@ -315,15 +314,6 @@ def record_evaluation(run_dir: Path, record: dict[str, Any]) -> Path:
     return path
 
 
-def class_cycle(vae: VAE, num_images: int) -> Tensor | None:
-    """One-hot classes 0, 1, ..., C-1, 0, ... ``(n, C)`` for a conditional VAE, else None."""
-    width = vae.config.condition_dim
-    if not width:
-        return None
-    classes = torch.arange(num_images, device=vae.prior_loc.device) % width
-    return torch.nn.functional.one_hot(classes, width).float()
-
-
 def save_run_pictures(
     vae: VAE, valid: Tensor, run_dir: Path, condition: Tensor | None = None
 ) -> list[Path]:
@@ -338,7 +328,7 @@ def save_run_pictures(
     width = vae.config.condition_dim
     num_samples = 64 if not width else width * max(1, 64 // width)
     generator = torch.Generator().manual_seed(0)
-    samples = vae.sample_images(num_samples, generator, class_cycle(vae, num_samples)).cpu()
+    samples = vae.sample_images(num_samples, generator, vae.class_cycle(num_samples)).cpu()
     columns = min(8, valid.shape[0])
     n = columns * min(4, valid.shape[0] // columns)
     x, c = valid[:n], None if condition is None else condition[:n]

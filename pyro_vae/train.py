@@ -7,7 +7,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Adam
 from tqdm.auto import tqdm
 
+from .callbacks import Callback
 from .checkpoint import CheckpointError, atomic_write, read_payload, save_checkpoint
 from .data import Dataset
 from .distributed import ELBOLoss, Replica
@@ -244,6 +245,7 @@ def fit(
     progress: bool = True,
     resume: bool = False,
     replica: Replica | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> list[dict[str, Any]]:
     """Train ``vae`` on ``data.train`` by maximizing the ELBO with Adam.
 
@@ -265,6 +267,9 @@ def fit(
 
     With a :class:`~pyro_vae.distributed.DistributedReplica`, this process trains its shard
     of every epoch through DistributedDataParallel and only rank 0 writes files.
+
+    ``callbacks`` (:class:`~pyro_vae.callbacks.Callback`) are called on that process: at the
+    start, every ``config.log_every`` steps, after each recorded epoch and at the end.
     """
     replica = replica or Replica()
     _check_fit_args(vae, data, config, run_dir, resume, replica)
@@ -279,6 +284,9 @@ def fit(
     generator = torch.Generator().manual_seed(config.seed)
     state = _restore(run_dir, vae, optimizer, generator, config) if resume else Progress()
     steps = replica.num_batches(data.train.shape[0], config.batch_size)
+    callbacks = tuple(callbacks) if replica.is_main else ()
+    for callback in callbacks:
+        callback.on_fit_start(vae, steps)
     with (
         warnings.catch_warnings(),
         pyro.validation_enabled(config.validate),
@@ -301,13 +309,18 @@ def fit(
             recipes = _start_epoch(elbo_loss, optimizer, config, epoch)
             try:
                 row = _run_epoch(
-                    vae, data, loss_fn, optimizer, config, generator, epoch, bar, replica
-                )
+                    vae, data, loss_fn, optimizer, config, generator, epoch, bar, replica,
+                    callbacks,
+                )  # fmt: skip
                 row.update(recipes)
                 state = _end_epoch(run_dir, vae, optimizer, generator, config, state, row)
+                for callback in callbacks:
+                    callback.on_epoch_end(epoch, row, vae)
             except KeyboardInterrupt:
                 saved = _saved_epoch(run_dir, state.epoch)
                 raise TrainingInterrupted(epoch, saved, run_dir) from None
+    for callback in callbacks:
+        callback.on_fit_end(state.history)
     return state.history
 
 
@@ -424,12 +437,15 @@ def _run_epoch(
     epoch: int,
     bar: tqdm,
     replica: Replica,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Train one epoch and validate; returns its metrics row."""
     start = time.perf_counter()
     bar.set_description(f"epoch {epoch}/{config.num_epochs}")
     vae.train()
-    train_elbo = train_epoch(vae, data, loss_fn, optimizer, config, generator, epoch, bar, replica)
+    train_elbo = train_epoch(
+        vae, data, loss_fn, optimizer, config, generator, epoch, bar, replica, callbacks
+    )
     try:
         condition = one_hot_labels(vae, data, "valid")
         valid_elbo = _valid_elbo(vae, data.valid, config.batch_size, replica, condition)
@@ -492,6 +508,7 @@ def train_epoch(
     epoch: int,
     bar: tqdm | None = None,
     replica: Replica | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> float:
     """One shuffled pass over the training split, as ``fit`` runs it; its mean ELBO per image.
 
@@ -499,7 +516,8 @@ def train_epoch(
     (:func:`make_loss`), ``optimizer`` e.g. :func:`make_optimizer`'s, ``generator`` orders the
     minibatches, ``epoch`` (from 1) names the epoch in errors. Losses (and, when clipping,
     gradient norms) stay on the device and are read back and checked for NaN/inf every
-    ``log_every`` steps, together with the parameters; ``bar`` is advanced once per step.
+    ``log_every`` steps, together with the parameters; ``bar`` is advanced once per step and
+    ``callbacks`` hear of every ``log_every``-th.
     """
     bar = bar if bar is not None else tqdm(disable=True)
     replica = replica or Replica()
@@ -531,7 +549,10 @@ def train_epoch(
         if step % config.log_every == 0:
             _check_finite(window, epoch, step - len(window) + 1, params)
             window.clear()
-            bar.set_postfix(elbo=f"{-float(total) / seen:.2f}")
+            running = -float(total) / seen
+            bar.set_postfix(elbo=f"{running:.2f}")
+            for callback in callbacks:
+                callback.on_step(epoch, step, running)
         bar.update(1)
     _check_finite(window, epoch, step - len(window) + 1, params)
     total = replica.sum(total)
