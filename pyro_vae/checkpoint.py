@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -16,6 +17,8 @@ import torch
 from .model import VAE, VAEConfig
 
 __all__ = [
+    "export_model",
+    "load_pretrained",
     "FORMAT_VERSION",
     "CheckpointError",
     "atomic_write",
@@ -137,3 +140,60 @@ def _unpickling_message(path: Path, text: str) -> str:
         f"{path}: refused to load, it holds more than tensors and plain values: unpickling "
         f"it would import {match.group(1)!r}"
     )
+
+
+# ---------------------------------------------------------------- sharing
+
+#: Files of an exported model: its weights and the config that rebuilds it.
+EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
+
+
+def export_model(vae: VAE, out_dir: str | Path) -> list[Path]:
+    """Write ``model.safetensors`` (the weights) and ``config.json`` (the model) to ``out_dir``.
+
+    The ``safetensors`` format holds tensors only, so loading it runs no code; the folder is
+    what :func:`load_pretrained` and ``VAE.from_pretrained`` read.
+    """
+    from safetensors.torch import save
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "format": "pyro_vae",
+        "format_version": FORMAT_VERSION,
+        "model": vae.config.to_dict(),
+        "name": vae.prefix,
+    }
+    weights = out_dir / EXPORT_WEIGHTS
+    tensors = {key: value.detach().cpu().contiguous() for key, value in vae.state_dict().items()}
+    atomic_write(weights, lambda tmp: tmp.write_bytes(save(tensors)))
+    config = out_dir / EXPORT_CONFIG
+    atomic_write(config, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    return [weights, config]
+
+
+def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> VAE:
+    """The VAE of an exported folder (:func:`export_model`) or of a run folder (its
+    best-validation ``checkpoint.pt``), in eval mode; CheckpointError (one line) otherwise."""
+    path = Path(path)
+    if (path / "checkpoint.pt").is_file() and not (path / EXPORT_WEIGHTS).is_file():
+        return load_checkpoint(path / "checkpoint.pt", map_location)[0]
+    weights, config = path / EXPORT_WEIGHTS, path / EXPORT_CONFIG
+    if not weights.is_file() or not config.is_file():
+        raise CheckpointError(
+            f"{path}: neither an exported model ({EXPORT_WEIGHTS}, {EXPORT_CONFIG}) nor a run "
+            "folder (checkpoint.pt)"
+        )
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        record = json.loads(config.read_text())
+        if record.get("format") != "pyro_vae" or record.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format {record.get('format')!r} {record.get('format_version')!r}")
+        vae = VAE(VAEConfig.from_dict(record["model"]), name=record.get("name", "vae"))
+        vae.load_state_dict(load(weights.read_bytes()))
+    except (SafetensorError, AttributeError, KeyError, OSError, RuntimeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a loadable exported model ({first})") from None
+    return vae.to(map_location).eval()

@@ -1,4 +1,4 @@
-"""Command line: ``pyro-vae train | evaluate | sample | compare | gaps | show | latent``."""
+"""The pyro-vae command line: train, evaluate, sample, compare, gaps, show, latent, export."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .callbacks import TensorBoardCallback
-from .checkpoint import CheckpointError, load_checkpoint, read_payload
+from .checkpoint import CheckpointError, export_model, load_checkpoint, read_payload
 from .compare import CompareConfig, compare_guides
 from .data import BINARIZE_MODES, DATASETS, DataError, Dataset, DataSpec, load_dataset
 from .distributed import finish_worker, init_replica
@@ -247,6 +247,7 @@ def build_parser(
     _add_gaps_parser(commands)
     _add_show_parser(commands)
     _add_latent_parser(commands)
+    _add_export_parser(commands)
     if train_defaults:
         train.set_defaults(**train_defaults)
     if compare_defaults:
@@ -543,6 +544,14 @@ def _add_latent_parser(commands: argparse._SubParsersAction) -> None:
     )
     latent.add_argument("--out", type=Path, default=None, help="folder (default: the run's)")
     latent.add_argument("--seed", type=int, default=0, help="draws of flow guides' codes")
+
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export", help="write a run's best model as model.safetensors and config.json"
+    )
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("out_dir", type=Path, help="folder for the two files")
 
 
 def _add_show_parser(commands: argparse._SubParsersAction) -> None:
@@ -1051,6 +1060,17 @@ def cmd_latent(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    read_run(args.run_dir)
+    vae, _ = load_checkpoint(args.run_dir / CHECKPOINT)
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise UsageError(f"{args.out_dir}: exists and is not a folder")
+    for path in export_model(vae, args.out_dir):
+        print(f"wrote {path}")
+    print(f"load it with pyro_vae.VAE.from_pretrained({str(args.out_dir)!r})")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     rows = [summarize_run(run_dir) for run_dir in args.run_dirs]
     if args.json:
@@ -1074,6 +1094,7 @@ COMMANDS = {
     "gaps": cmd_gaps,
     "show": cmd_show,
     "latent": cmd_latent,
+    "export": cmd_export,
 }
 
 

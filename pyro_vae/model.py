@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pyro
@@ -352,6 +353,13 @@ class VAE(PyroModule):
                 make_guide(key, width, size, config.hidden_dims, trunk=layer_trunk, **options)
             )
         return layers[0] if len(sizes) == 1 else BottomUpPosterior(layers)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> VAE:
+        """The VAE of an exported folder (``pyro-vae export``) or a run folder, in eval mode."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(path, map_location)
 
     @contextmanager
     def without_param_statements(self) -> Iterator[VAE]:
