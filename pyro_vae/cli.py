@@ -705,6 +705,16 @@ def _num_classes(data: Dataset, spec: DataSpec) -> int:
     return data.num_classes
 
 
+def _recipe_words(args: argparse.Namespace, config: TrainConfig) -> str:
+    """``", preset mnist-vamp, KL warm-up over 30 epochs"`` (empty when neither is set)."""
+    words = ""
+    if getattr(args, "preset", None):
+        words += f", preset {args.preset}"
+    if config.kl_warmup:
+        words += f", KL warm-up over {config.kl_warmup} epochs"
+    return words
+
+
 def _layers(config: VAEConfig) -> str:
     """``"2 layers (40, 40), ladder, "`` for a hierarchy, ``"conditional on 10 classes, "``."""
     sizes, words = config.latent_dims, ""
@@ -786,6 +796,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{spec.name}: "
             f"{data.train.shape[0]} train / {data.valid.shape[0]} valid images of "
             f"{data.data_dim} pixels, on {device}"
+            + _recipe_words(args, train_config)
             + (f" and {more} more processes" if more else ""),
             file=sys.stderr,
         )
@@ -814,6 +825,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     pictures.append(save_curves({run_dir.name: read_metrics(run_dir)}, run_dir / "curves.png"))
     early = len(history) < train_config.num_epochs  # only early stopping ends a run sooner
     note = f" (stopped early: patience {train_config.patience})" if early else ""
+    if train_config.kl_warmup and len(history) <= train_config.kl_warmup:
+        note += (
+            f"; the run ended inside its {train_config.kl_warmup}-epoch KL warm-up, so the "
+            "model has not yet been trained on the full ELBO"
+        )
     print(
         f"best valid ELBO {payload['valid_elbo']:.3f} nats at epoch {payload['epoch']} of "
         f"{len(history)}{note}"
