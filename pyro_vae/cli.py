@@ -243,6 +243,11 @@ def build_parser(
     sample.add_argument("-n", "--num-images", type=_positive_int, default=64)
     sample.add_argument("--out", type=Path, default=None)
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument(
+        "--draws",
+        action="store_true",
+        help="also write images drawn from p(x|z) (binary for bernoulli) beside the means",
+    )
     compare = _add_compare_parser(commands)
     _add_gaps_parser(commands)
     _add_show_parser(commands)
@@ -947,13 +952,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = args.out or args.run_dir / f"samples-{args.num_images}.png"
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: the picture is written as PNG; use a .png name")
-    generator = torch.Generator().manual_seed(args.seed)
     condition = vae.class_cycle(args.num_images)
-    images = vae.sample_images(args.num_images, generator=generator, condition=condition)
     span = vae.likelihood.value_range()
     columns = vae.config.condition_dim or None  # a conditional VAE: one column per class
-    grid = save_image_grid(out, images, vae.config.image_shape, columns, value_range=span)
-    print(f"wrote {grid}")
+    pictures = [(out, False)]
+    if args.draws:
+        pictures.append((out.with_name(f"{out.stem}-draws{out.suffix}"), True))
+    for path, draws in pictures:  # the same seed: the draws come from the means' z
+        generator = torch.Generator().manual_seed(args.seed)
+        images = vae.sample_images(args.num_images, generator, condition, draw_pixels=draws)
+        what = "drawn from p(x|z)" if draws else f"{vae.likelihood.key} means"
+        title = f"{args.num_images} images from the prior ({what})"
+        save_image_grid(
+            path, images, vae.config.image_shape, columns, value_range=span, title=title
+        )
+        print(f"wrote {path}")
     return 0
 
 

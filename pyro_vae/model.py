@@ -538,8 +538,13 @@ class VAE(PyroModule):
         num_images: int,
         generator: torch.Generator | None = None,
         condition: Tensor | None = None,
+        draw_pixels: bool = False,
     ) -> Tensor:
-        """Means ``(n, P)`` of images decoded from prior samples (``condition`` ``(n, C)``)."""
+        """Means ``(n, P)`` of images decoded from prior samples (``condition`` ``(n, C)``).
+
+        With ``draw_pixels``, images drawn from p(x | z) instead of its mean (binary images
+        for the Bernoulli likelihood), from the same z.
+        """
         device = self.prior_loc.device
         seed = int(torch.randint(2**62, (), generator=generator))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -547,6 +552,9 @@ class VAE(PyroModule):
             z = self.prior().sample((num_images,))
             for index in reversed(range(len(self.latent_sites) - 1)):
                 z = self.transitions[index](z).sample()  # ancestral, from the top down
+            if draw_pixels:
+                self._check_condition(condition)
+                return self.likelihood_of(z, condition).sample()
         return self.decode(z, condition)
 
     @torch.no_grad()

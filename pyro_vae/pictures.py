@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +44,8 @@ def save_image_grid(
     columns: int | None = None,
     min_size: int = 256,
     value_range: tuple[float, float] | None = (0.0, 1.0),
+    title: str | None = None,
+    row_labels: Sequence[str] | None = None,
 ) -> Path:
     """Write images ``(n, P)`` (or ``(R, C, P)``) as a grey PNG grid; returns the path.
 
@@ -51,7 +55,8 @@ def save_image_grid(
     Pixel values in ``value_range`` (low, high) map to black..white (e.g. ``(0, 16)`` for
     binomial means of 17-level images); None uses the images' own smallest and largest
     values. Small images are enlarged by whole-pixel repetition so the file is at least
-    ``min_size`` pixels wide.
+    ``min_size`` pixels wide. With a ``title`` or ``row_labels`` (one per row of the grid)
+    the grid is drawn as a figure with those words around it.
     """
     from matplotlib.image import imsave
 
@@ -67,11 +72,45 @@ def save_image_grid(
         pad = images.new_full((rows * columns - n, images.shape[1]), float("nan"))  # no cell
         images = torch.cat([images, pad]).reshape(rows, columns, -1)
     grid = tile(images, image_shape)
+    path = Path(path)
+    if title is not None or row_labels is not None:
+        figure = _labelled_figure(grid, images.shape[0], image_shape, title, row_labels)
+        atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+        return path
     factor = max(1, math.ceil(min_size / grid.shape[1]))
     grid = np.kron(grid, np.ones((factor, factor)))
-    path = Path(path)
     atomic_write(path, lambda tmp: imsave(tmp, grid, cmap="gray", vmin=0, vmax=1, format="png"))
     return path
+
+
+def _labelled_figure(
+    grid: np.ndarray,
+    rows: int,
+    image_shape: tuple[int, int],
+    title: str | None,
+    row_labels: Sequence[str] | None,
+) -> Any:  # noqa: ANN401 (a matplotlib Figure)
+    """The tiled ``grid`` in a figure with a title and a label left of each row."""
+    from matplotlib.figure import Figure
+
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"row_labels must name the {rows} rows, got {len(row_labels)}")
+    width = 6.0
+    height = width * grid.shape[0] / grid.shape[1] + (0.5 if title else 0.2)
+    margin = 1.4 if row_labels else 0.1
+    figure = Figure(figsize=(width + margin, height), dpi=100)
+    ax = figure.add_axes((margin / (width + margin), 0.02, width / (width + margin), 0.9))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    step = image_shape[0] + 1
+    if row_labels:
+        ax.set_yticks([1 + step * r + image_shape[0] / 2 - 0.5 for r in range(rows)])
+        ax.set_yticklabels(row_labels, fontsize=8)
+    else:
+        ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=10)
+    return figure
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, list[float]]:

@@ -334,10 +334,19 @@ def save_run_pictures(
     x, c = valid[:n], None if condition is None else condition[:n]
     rows = torch.stack([x, vae.reconstruct(x, c)]).reshape(2, -1, columns, x.shape[-1])
     pairs = rows.transpose(0, 1).reshape(-1, columns, x.shape[-1])  # data row, then its decoding
+    kind = f"{vae.likelihood.key} means"
+    per_class = ", one column per class" if width else ""
+    labels = ["data", "reconstruction"] * (pairs.shape[0] // 2)
     return [
-        save_image_grid(run_dir / "samples.png", samples, shape, width or None, value_range=span),
-        save_image_grid(run_dir / "reconstructions.png", pairs.cpu(), shape, value_range=span),
-    ]
+        save_image_grid(
+            run_dir / "samples.png", samples, shape, width or None, value_range=span,
+            title=f"{num_samples} images from the prior ({kind}{per_class})",
+        ),
+        save_image_grid(
+            run_dir / "reconstructions.png", pairs.cpu(), shape, value_range=span,
+            title=f"validation images and their reconstructions ({kind})", row_labels=labels,
+        ),
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------- summaries

@@ -92,3 +92,29 @@ def test_image_grids_leave_the_cells_after_the_last_image_empty() -> None:
     white = grid == 1.0
     assert int(white.sum()) == 5 * 4  # the five images, and no sixth
     assert (grid[4:6, 7:9] == 0.5).all()  # the empty cell is background
+
+
+def test_drawn_samples_come_from_the_means_z() -> None:
+    sharp = VAE(VAEConfig(6, 2, (8,), "diagonal", likelihood="gaussian",
+                          likelihood_options={"scale": 1e-6}))  # fmt: skip
+    means = sharp.sample_images(5, torch.Generator().manual_seed(3))
+    draws = sharp.sample_images(5, torch.Generator().manual_seed(3), draw_pixels=True)
+    assert torch.allclose(draws, means, atol=1e-4) and not torch.equal(draws, means)
+    binary = VAE(VAEConfig(6, 2, (8,), "diagonal"))
+    draws = binary.sample_images(50, torch.Generator().manual_seed(3), draw_pixels=True)
+    assert set(draws.unique().tolist()) == {0.0, 1.0}
+
+
+def test_labelled_grids_and_the_sample_command(tmp_path: Path) -> None:
+    from pyro_vae.pictures import save_image_grid
+
+    images = torch.rand(2, 3, 4)
+    path = save_image_grid(tmp_path / "g.png", images, (2, 2), title="t", row_labels=["a", "b"])
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="row_labels must name the 2 rows"):
+        save_image_grid(tmp_path / "h.png", images, (2, 2), row_labels=["a"])
+    run = tmp_path / "run"
+    small = ["--epochs", "1", "--latent-dim", "2", "--hidden-dims", "8", "--quiet"]
+    assert main(["train", *small, "--out", str(run)]) == 0
+    assert main(["sample", str(run), "-n", "6", "--draws", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").exists() and (tmp_path / "s-draws.png").exists()
