@@ -498,6 +498,18 @@ def _add_objective_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _seeds(text: str) -> int | tuple[int, ...]:
+    """``3`` (seeds 0, 1, 2) or ``0,4,7`` (those seeds; ``7,`` the one seed 7)."""
+    if "," not in text:
+        return _positive_int(text)
+    try:
+        return tuple(_integer_at_least(part, 0) for part in text.split(",") if part.strip())
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seeds or comma-separated seeds >= 0, got {text!r}"
+        ) from None
+
+
 def _guide_list(text: str) -> tuple[str, ...]:
     keys = tuple(part.strip() for part in text.split(",") if part.strip())
     unknown = [key for key in keys if key not in GUIDES]
@@ -525,7 +537,13 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> argparse.Argume
     _add_optimization_args(cmp.add_argument_group("optimization"), epochs=100)
     _add_recipe_args(cmp.add_argument_group("recipe"))
     run = cmp.add_argument_group("comparison")
-    run.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds, 0..N-1")
+    run.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=3,
+        metavar="N | S1,S2,...",
+        help="number of seeds (0..N-1), or the seeds as a comma list (one seed: '7,')",
+    )
     run.add_argument(
         "--num-samples", type=_positive_int, default=5000, help="importance samples K"
     )
@@ -985,7 +1003,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     config = CompareConfig(
         guides=args.guides,
-        num_seeds=args.seeds,
+        num_seeds=args.seeds if isinstance(args.seeds, int) else len(args.seeds),
+        seeds=None if isinstance(args.seeds, int) else args.seeds,
         num_samples=args.num_samples,
         latent_dim=args.latent_dim,
         hidden_dims=args.hidden_dims,

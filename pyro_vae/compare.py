@@ -59,7 +59,8 @@ class CompareConfig:
 
     Args:
         guides: Keys of ``GUIDES``, in table order.
-        num_seeds: Runs per guide, seeds 0 .. num_seeds - 1 (initialization, minibatch order,
+        num_seeds: Runs per guide, seeds 0 .. num_seeds - 1 unless ``seeds`` names them
+            (initialization, minibatch order,
             evaluation draws).
         num_samples: Importance samples K per test image for log p(x).
         latent_dim: Latent size D, shared.
@@ -81,8 +82,22 @@ class CompareConfig:
     split: str = "test"
     guide_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.seeds is not None:
+            seeds = tuple(self.seeds)
+            if (
+                not seeds
+                or len(set(seeds)) != len(seeds)
+                or any(
+                    isinstance(seed, bool) or not isinstance(seed, int) or seed < 0
+                    for seed in seeds
+                )
+            ):
+                raise ValueError(f"seeds must be distinct integers >= 0, got {self.seeds!r}")
+            object.__setattr__(self, "seeds", seeds)
+            object.__setattr__(self, "num_seeds", len(seeds))
         object.__setattr__(self, "guides", tuple(self.guides))
         if not self.guides:
             raise ValueError("guides must name at least one guide")
@@ -164,7 +179,8 @@ def compare_guides(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, histories = [], {key: [] for key in config.guides}
-    runs = [(key, seed) for key in config.guides for seed in range(config.num_seeds)]
+    seeds = config.seeds or tuple(range(config.num_seeds))
+    runs = [(key, seed) for key in config.guides for seed in seeds]
     with tqdm(runs, disable=not progress, unit="run", dynamic_ncols=True) as bar:
         for key, seed in bar:
             bar.set_description(f"{key} seed {seed}")
@@ -177,7 +193,7 @@ def compare_guides(
     write_report(out_dir, rows, summary, histories, config)
     for key in config.guides:
         with torch.random.fork_rng(devices=[]):  # rebuilding a VAE draws initial weights
-            vae, _ = load_checkpoint(out_dir / "runs" / f"{key}-seed0" / CHECKPOINT)
+            vae, _ = load_checkpoint(out_dir / "runs" / f"{key}-seed{seeds[0]}" / CHECKPOINT)
         images = vae.sample_images(64, generator=torch.Generator().manual_seed(0)).cpu()
         span = vae.likelihood.value_range() or (float(images.min()), float(images.max()))
         path = out_dir / f"samples-{key}.png"

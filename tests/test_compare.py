@@ -180,3 +180,17 @@ def test_train_help_groups_the_flags_and_shows_defaults(capsys: pytest.CaptureFi
         assert f"\n{group}\n" in text, group
     assert "(default: 300)" in text and "(default: full)" in text
     assert "(default: None)" not in text and "(default: [])" not in text
+
+
+def test_compare_takes_the_seeds_as_a_list(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    argv = ["compare", "--guides", "diagonal", "--seeds", "2,5", "--epochs", "1"]
+    argv += ["--num-samples", "5", "--latent-dim", "2", "--hidden-dims", "8", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0
+    runs = sorted(path.name for path in (out / "runs").iterdir())
+    assert runs == ["diagonal-seed2", "diagonal-seed5"]
+    with (out / "runs.csv").open() as handle:
+        assert sorted(int(row["seed"]) for row in csv.DictReader(handle)) == [2, 5]
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        CompareConfig(guides=("diagonal",), seeds=(1, 1))
+    assert main(["compare", "--seeds", "1,x", "--out", str(tmp_path / "bad")]) == 2
