@@ -28,7 +28,7 @@ from .likelihoods import LIKELIHOODS, make_likelihood
 from .networks import ARCHS, NetworkPair, check_hidden_dims, make_arch
 from .priors import LATENTS, PRIORS, make_prior
 from .sphere import VonMisesFisher
-from .validation import check_key, check_positive_int
+from .validation import check_key, check_memory, check_positive_int
 
 __all__ = ["MAX_LATENT_DIM", "VAE", "ModelDraw", "VAEConfig"]
 
@@ -118,6 +118,14 @@ class VAEConfig:
         if self.latent is None:
             object.__setattr__(self, "latent", GUIDES[self.guide].latent)
         self._check_parts()
+        sizes = [f"hidden_dims {list(self.hidden_dims)}", f"latent_dims {list(self.latent_dims)}"]
+        options = {**self.guide_options, **self.prior_options}
+        counts = [key for key in ("num_flows", "num_components") if key in options]
+        sizes += [f"{key} {options[key]}" for key in counts]
+        check_memory(  # weights, gradients and Adam's two moments: 16 bytes a parameter
+            f"this model ({', '.join(sizes)}) with its training state",
+            16 * self.estimated_parameters(),
+        )
 
     def _normalize_layers(self) -> None:
         """latent_dims as a tuple (one layer: ``(latent_dim,)``), layer_guides one per layer."""
@@ -195,6 +203,40 @@ class VAEConfig:
                 "arch takes no conditioning input"
             )
         self._check_layers()
+
+    def estimated_parameters(self) -> int:
+        """About how many parameters the configured networks, flows and prior hold.
+
+        Counts the weight matrices of encoder and decoder trunks and heads of every layer
+        (twice for gated layers), flow maps of ``num_flows`` and the prior's components; an
+        estimate for size checks made before anything is allocated, not an exact count.
+        """
+        inputs, sizes, widths = (
+            self.data_dim + self.condition_dim,
+            self.latent_dims,
+            self.hidden_dims,
+        )
+        gate = 2 if self.arch == "gated" else 1
+        options = {**self.guide_options, **self.prior_options, **self.likelihood_options}
+
+        def chain(first: int, middle: tuple[int, ...], last: int) -> int:
+            dims = (first, *middle, last)
+            return sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+
+        total = 0
+        for index, size in enumerate(sizes):
+            below = sizes[index - 1] if index else 0
+            total += gate * chain(inputs + below, widths, 3 * size)  # trunk and heads
+            if index:
+                total += gate * chain(size, widths[::-1], 2 * below)  # p(z_l | z_{l+1})
+        total += gate * chain(sizes[0] + self.condition_dim, widths[::-1], 2 * self.data_dim)
+        flows = options.get("num_flows", 0)
+        if isinstance(flows, int) and flows > 0:
+            total += flows * 3 * (10 * sizes[0]) * (sizes[0] + widths[-1])
+        components = options.get("num_components", 0)
+        if isinstance(components, int) and components > 0:
+            total += components * (self.data_dim + 2 * sizes[-1])
+        return total
 
     def check_data(self, x: Tensor, pixels: str | None = None, where: str = "data") -> None:
         """ValueError (one line) unless images x ``(N, P)`` (of pixel kind ``pixels``) fit.

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["check_key", "check_positive_int", "registrar"]
+__all__ = ["check_key", "check_memory", "check_positive_int", "physical_memory", "registrar"]
 
 _C = TypeVar("_C", bound=type)
 
@@ -37,3 +38,21 @@ def check_key(table: dict[str, Any], kind: str, key: str) -> None:
     """ValueError listing the choices when ``key`` is not in ``table``."""
     if key not in table:
         raise ValueError(f"unknown {kind} {key!r}; choose one of {', '.join(sorted(table))}")
+
+
+def physical_memory() -> int:
+    """Bytes of this machine's main memory (a large number where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return 2**50
+
+
+def check_memory(what: str, num_bytes: float, share: float = 0.5) -> None:
+    """ValueError (one line) when ``what`` needs more than ``share`` of the machine's memory."""
+    limit = share * physical_memory()
+    if num_bytes > limit:
+        raise ValueError(
+            f"{what} would need about {num_bytes / 2**30:,.1f} GiB, more than "
+            f"{limit / 2**30:,.1f} GiB ({share:.0%} of this machine's memory)"
+        )

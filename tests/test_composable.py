@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -253,3 +254,34 @@ def test_the_cli_trains_evaluates_and_draws_a_conditional_vae(
     assert main(["train", "--conditional", "--data", str(array), *small, "--batch-size", "5",
                  "--out", str(tmp_path / "none")]) == 2  # fmt: skip
     assert "--conditional needs labels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"hidden_dims": (10**12,)}, "hidden_dims [1000000000000]"),
+        ({"prior": "mixture", "prior_options": {"num_components": 10**11}}, "num_components"),
+        ({"guide": "iaf", "guide_options": {"num_flows": 10**8}}, "num_flows 100000000"),
+        ({"latent_dims": (1000, 1000, 1000), "hidden_dims": (10**6,)}, "latent_dims"),
+    ],
+)
+def test_sizes_beyond_the_machine_are_refused_before_allocating(
+    changes: dict, named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyro_vae.validation as validation
+
+    pattern = rf"{re.escape(named)}.*would need about .* GiB, more than"
+    with pytest.raises(ValueError, match=pattern):
+        VAEConfig(784, **{"guide": "diagonal", **changes})
+    monkeypatch.setattr(validation, "physical_memory", lambda: 2**60)  # a machine big enough
+    assert VAEConfig(784, **{"guide": "diagonal", **changes}).estimated_parameters() > 10**9
+
+
+def test_the_size_estimate_is_close_to_the_real_count() -> None:
+    for config in (
+        VAEConfig(784, 50, (400, 400), "diagonal"),
+        VAEConfig(784, hidden_dims=(300,), guide="diagonal", latent_dims=(40, 20)),
+        VAEConfig(784, 40, (300, 300), "iaf", {"num_flows": 4}, arch="gated"),
+    ):
+        real = sum(p.numel() for p in VAE(config).parameters())
+        assert 0.5 * real <= config.estimated_parameters() <= 2.5 * real
