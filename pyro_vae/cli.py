@@ -59,6 +59,7 @@ from .train import (
     fit,
     one_hot_labels,
 )
+from .validation import check_memory
 
 __all__ = ["main"]
 
@@ -970,6 +971,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = args.out or args.run_dir / f"samples-{args.num_images}.png"
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: the picture is written as PNG; use a .png name")
+    per_image = vae.likelihood.outputs_per_pixel * vae.config.data_dim + vae.config.latent_dim
+    check_memory(f"-n {args.num_images} images", 8 * args.num_images * per_image)
     condition = vae.class_cycle(args.num_images)
     span = vae.likelihood.value_range()
     columns = vae.config.condition_dim or None  # a conditional VAE: one column per class

@@ -28,7 +28,7 @@ from .model import VAE
 from .objectives import OBJECTIVES, FreeBits_ELBO, check_gradient_estimator, make_objective
 from .resume import LAST, Progress, load_training_state, save_training_state
 from .schedules import LR_SCHEDULES, kl_weight, learning_rate, patience_exhausted
-from .validation import check_positive_int
+from .validation import check_memory, check_positive_int
 
 __all__ = [
     "TrainConfig",
@@ -371,6 +371,13 @@ def _check_fit_args(
         )
     if vae.config.condition_dim:
         _check_labels(vae, data, config)
+    cfg = vae.config  # a step holds K x B draws of every pixel and hidden unit, for backward
+    per_draw = vae.likelihood.outputs_per_pixel * cfg.data_dim + 2 * sum(cfg.hidden_dims)
+    per_draw += sum(cfg.latent_dims) ** 2
+    check_memory(
+        f"a step of num_particles {config.num_particles} x batch_size {config.batch_size}",
+        16 * config.num_particles * config.batch_size * per_draw,
+    )
     vae.config.check_data(data.valid, data.pixels, "the validation images")
     if config.batch_size > data.train.shape[0]:
         raise ValueError(

@@ -285,3 +285,18 @@ def test_the_size_estimate_is_close_to_the_real_count() -> None:
     ):
         real = sum(p.numel() for p in VAE(config).parameters())
         assert 0.5 * real <= config.estimated_parameters() <= 2.5 * real
+
+
+def test_steps_and_sample_grids_beyond_the_machine_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data, vae = _labeled_data(), VAE(VAEConfig(P, D, (8,), "diagonal"))
+    data = replace(data, train_labels=None, valid_labels=None, test_labels=None)
+    with pytest.raises(ValueError, match="num_particles 10000000000 x batch_size 10 would need"):
+        fit(vae, data, TrainConfig(num_epochs=1, batch_size=10, num_particles=10**10))
+    run = tmp_path / "run"
+    small = ["--epochs", "1", "--latent-dim", "2", "--hidden-dims", "8", "--quiet"]
+    assert main(["train", *small, "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "-n", str(10**11)]) == 2
+    assert "-n 100000000000 images would need about" in capsys.readouterr().err
