@@ -102,7 +102,8 @@ def _chunks(total: int, size: int) -> list[int]:
 
 def _particle_chunk(vae: VAE, batch_size: int, max_elements: int) -> int:
     outputs = vae.likelihood.outputs_per_pixel * vae.config.data_dim
-    per_particle = batch_size * (outputs + vae.config.latent_dim**2)
+    # every layer's latents count (a full-covariance factor is D x D): sum(D_l) ** 2 bounds it
+    per_particle = batch_size * (outputs + sum(vae.config.latent_dims) ** 2)
     return max(1, max_elements // per_particle)
 
 
