@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -38,20 +39,35 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
     A crash at any instant leaves either the old file or the new one, never a torn file.
+    Failing writes (no space, a file-size limit, a read-only folder) raise ``OSError`` naming
+    the file and the cause in one line; the old file stays.
     """
     path = Path(path)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    # O_EXCL: a fresh file; mode 0666 minus the umask, as an ordinary open() gives
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        # O_EXCL: a fresh file; mode 0666 minus the umask, as an ordinary open() gives
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as error:
+        raise _write_error(path, error) from None
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, error) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def _write_error(path: Path, error: OSError) -> OSError:
+    """``cannot write PATH: REASON`` in one line, keeping the errno."""
+    failure = OSError(f"cannot write {path}: {error.strerror or error}")
+    failure.errno = error.errno
+    return failure
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -70,6 +86,8 @@ def _fsync_folder(folder: Path) -> None:
 
 def save_checkpoint(path: str | Path, vae: VAE, **extra: Any) -> None:
     """Save config and state dict (plus plain ``extra`` values such as epoch) atomically."""
+    if not isinstance(vae, VAE):
+        raise TypeError(f"vae must be a VAE, got {type(vae).__name__}")
     payload = {
         "format_version": FORMAT_VERSION,
         "config": vae.config.to_dict(),
@@ -77,7 +95,9 @@ def save_checkpoint(path: str | Path, vae: VAE, **extra: Any) -> None:
         "state_dict": vae.state_dict(),
         **extra,
     }
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    buffer = io.BytesIO()  # serialized first: a failing write is then an OSError naming why
+    torch.save(payload, buffer)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def read_payload(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

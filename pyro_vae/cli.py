@@ -16,15 +16,15 @@ import pyro
 import torch
 
 from . import __version__
-from .callbacks import TensorBoardCallback
+from .callbacks import Callback, TensorBoardCallback
 from .checkpoint import CheckpointError, export_model, load_checkpoint, read_payload
 from .compare import CompareConfig, compare_guides
 from .data import BINARIZE_MODES, DATASETS, DataError, Dataset, DataSpec, load_dataset
-from .distributed import finish_worker, init_replica
+from .distributed import Replica, finish_worker, init_replica
 from .evaluate import evaluate, layer_active_units
 from .gaps import inference_gaps
 from .guides import GUIDES, FlowGuide
-from .hierarchy import INFERENCES
+from .hierarchy import DECODER_INPUTS, INFERENCES
 from .latent_space import save_latent_pictures
 from .likelihoods import LIKELIHOODS
 from .model import VAE, VAEConfig
@@ -34,6 +34,7 @@ from .pictures import read_metrics, save_curves, save_image_grid
 from .presets import PRESETS
 from .priors import LATENTS, PRIORS
 from .resume import LAST
+from .run_folder import PREVIOUS, CommitOnFirstEpoch, RunFolder
 from .runs import (
     CONFIG,
     discard_unstarted,
@@ -42,8 +43,10 @@ from .runs import (
     read_config_file,
     read_run,
     record_evaluation,
+    run_folder,
     run_record,
     save_run_pictures,
+    set_aside_old_run,
     stored_data_spec,
     summarize_run,
     train_options,
@@ -53,13 +56,14 @@ from .schedules import LR_SCHEDULES
 from .train import (
     CHECKPOINT,
     METRICS,
+    RunNotWritten,
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
     fit,
     one_hot_labels,
 )
-from .validation import check_memory
+from .validation import MAX_SEED, check_memory
 
 __all__ = ["main"]
 
@@ -102,6 +106,13 @@ def _integer_at_least(text: str, minimum: int) -> int:
 
 def _positive_int(text: str) -> int:
     return _integer_at_least(text, 1)
+
+
+def _seed(text: str) -> int:
+    value = _integer_at_least(text, 0)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_SEED}, got {text!r}")
+    return value
 
 
 def _count(text: str) -> int:
@@ -206,7 +217,7 @@ def build_parser(
         "run); flags given here override them",
     )
     run = train.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0, help="initial weights and training draws")
+    run.add_argument("--seed", type=_seed, default=0, help="initial weights and training draws")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     run.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -235,7 +246,7 @@ def build_parser(
     ev.add_argument("--batch-size", type=_positive_int, default=100)
     _add_data_args(ev, None)
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=_seed, default=0)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -243,7 +254,7 @@ def build_parser(
     sample.add_argument("run_dir", type=Path)
     sample.add_argument("-n", "--num-images", type=_positive_int, default=64)
     sample.add_argument("--out", type=Path, default=None)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=_seed, default=0)
     sample.add_argument(
         "--draws",
         action="store_true",
@@ -294,8 +305,15 @@ def _add_model_args(group: argparse._ArgumentGroup) -> None:
         "--inference",
         choices=INFERENCES,
         default="bottom-up",
-        help="posterior of several layers: bottom-up q(z_1|x) q(z_2|z_1,x)..., or ladder "
-        "(bottom-up pass merged with the top-down pass; diagonal)",
+        help="posterior of several layers: bottom-up q(z_1|x) q(z_2|z_1,x)..., top-down "
+        "q(z_L|x) q(z_L-1|z_L,x)..., or ladder (bottom-up pass merged with the top-down pass; "
+        "diagonal)",
+    )
+    group.add_argument(
+        "--decoder-input",
+        choices=DECODER_INPUTS,
+        default="z1",
+        help="what p(x|.) of several layers reads: z1, or all layers [z_1..z_L]",
     )
     group.add_argument(
         "--hidden-dims",
@@ -504,7 +522,7 @@ def _seeds(text: str) -> int | tuple[int, ...]:
     if "," not in text:
         return _positive_int(text)
     try:
-        return tuple(_integer_at_least(part, 0) for part in text.split(",") if part.strip())
+        return tuple(_seed(part) for part in text.split(",") if part.strip())
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected a number of seeds or comma-separated seeds >= 0, got {text!r}"
@@ -567,7 +585,7 @@ def _add_latent_parser(commands: argparse._SubParsersAction) -> None:
         "--num-points", type=_positive_int, default=1000, help="images whose codes are drawn"
     )
     latent.add_argument("--out", type=Path, default=None, help="folder (default: the run's)")
-    latent.add_argument("--seed", type=int, default=0, help="draws of flow guides' codes")
+    latent.add_argument("--seed", type=_seed, default=0, help="draws of flow guides' codes")
 
 
 def _add_export_parser(commands: argparse._SubParsersAction) -> None:
@@ -597,7 +615,7 @@ def _add_gaps_parser(commands: argparse._SubParsersAction) -> None:
     gaps.add_argument("--num-samples", type=_positive_int, default=1000)
     gaps.add_argument("--batch-size", type=_positive_int, default=100)
     gaps.add_argument("--device", default="auto")
-    gaps.add_argument("--seed", type=int, default=0)
+    gaps.add_argument("--seed", type=_seed, default=0)
     gaps.add_argument("--json", action="store_true", help="print one JSON object")
     gaps.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -707,8 +725,6 @@ def _resume_settings(args: argparse.Namespace) -> tuple[DataSpec, VAEConfig, Tra
             f"--resume {run_dir}: already trained {done!r} of {train_config.num_epochs} epochs; "
             "pass --epochs N with a larger N to train longer"
         )
-    for stale in run_dir.glob(".*.tmp"):  # left by a writer killed before its rename
-        stale.unlink()
     return spec, config, train_config
 
 
@@ -746,7 +762,8 @@ def _layers(config: VAEConfig) -> str:
         words = f"conditional on {config.condition_dim} classes, "
     if len(sizes) == 1:
         return words
-    return f"{words}{len(sizes)} layers {tuple(sizes)}, {config.inference}, "
+    reads = ", decoder reads all" if config.decoder_input == "all" else ""
+    return f"{words}{len(sizes)} layers {tuple(sizes)}, {config.inference}{reads}, "
 
 
 # ---------------------------------------------------------------- commands
@@ -756,6 +773,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     resuming = args.resume is not None
     if resuming:
+        if (args.resume / PREVIOUS).is_dir():  # an overwrite was killed: settle it first
+            with run_folder(args.resume):
+                pass
         spec, config, train_config = _resume_settings(args)
     else:
         if args.data is None:
@@ -791,6 +811,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             latent_dims=args.latent_dims,
             inference=args.inference,
             layer_guides=args.layer_guides,
+            decoder_input=args.decoder_input,
             condition_dim=_num_classes(data, spec) if args.conditional else 0,
         )
     config.check_data(data.valid, data.pixels, "the validation images")
@@ -808,40 +829,58 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir, created = prepare_run_dir(
             args.out, spec, args.guide, args.overwrite, replica.is_main
         )
-    if replica.is_main:
-        write_json(
-            run_dir / CONFIG, run_record(config, train_config, spec, getattr(args, "argv", None))
-        )
-        more = replica.world_size - 1
-        print(
-            f"{'resuming' if resuming else 'training'} a VAE ({_layers(config)}"
-            f"{config.guide} guide, {config.prior} prior, {config.arch} networks, "
-            f"{config.likelihood} likelihood) on "
-            f"{spec.name}: "
-            f"{data.train.shape[0]} train / {data.valid.shape[0]} valid images of "
-            f"{data.data_dim} pixels, on {device}"
-            + _recipe_words(args, train_config)
-            + (f" and {more} more processes" if more else ""),
-            file=sys.stderr,
-        )
-    callbacks = []
-    if args.tensorboard and replica.is_main:
-        callbacks.append(TensorBoardCallback(run_dir / "tensorboard", data.valid))
-    try:
-        with _sigterm_as_interrupt():
-            history = fit(
-                vae, data, train_config, run_dir, not args.quiet, resuming, replica, callbacks
-            )
-    except (TrainingDiverged, TrainingInterrupted) as error:
-        if not replica.is_main:
-            return 1
-        return _report_stop(error, run_dir, created)
-    except BaseException:
-        if replica.is_main:
-            discard_unstarted(run_dir, created)
-        raise
+    folder = run_folder(run_dir)
     if not replica.is_main:
-        return 0
+        return _train_in_folder(args, vae, data, train_config, folder, replica, [])[0] or 0
+    record = run_record(config, train_config, spec, getattr(args, "argv", None))
+    try:
+        with folder:  # one writer: refused while another live process trains here
+            if resuming:
+                for stale in run_dir.glob(".*.tmp"):  # left by a writer killed before its rename
+                    stale.unlink()
+            else:
+                set_aside_old_run(folder, args.overwrite)
+                write_json(run_dir / CONFIG, record)
+            more = replica.world_size - 1
+            print(
+                f"{'resuming' if resuming else 'training'} a VAE ({_layers(config)}"
+                f"{config.guide} guide, {config.prior} prior, {config.arch} networks, "
+                f"{config.likelihood} likelihood) on "
+                f"{spec.name}: "
+                f"{data.train.shape[0]} train / {data.valid.shape[0]} valid images of "
+                f"{data.data_dim} pixels, on {device}"
+                + _recipe_words(args, train_config)
+                + (f" and {more} more processes" if more else ""),
+                file=sys.stderr,
+            )
+
+            def commit() -> None:  # the new settings are recorded once an epoch ran with them
+                folder.commit()
+                if resuming:
+                    write_json(run_dir / CONFIG, record)
+
+            callbacks: list[Callback] = [CommitOnFirstEpoch(commit)]
+            if args.tensorboard:
+                callbacks.append(TensorBoardCallback(run_dir / "tensorboard", data.valid))
+            status, history = _train_in_folder(
+                args, vae, data, train_config, folder, replica, callbacks
+            )
+            if status is not None:
+                return status
+            return _report_run(run_dir, data, device, train_config, history)
+    finally:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
+def _report_run(
+    run_dir: Path,
+    data: Dataset,
+    device: torch.device,
+    train_config: TrainConfig,
+    history: list[dict[str, Any]],
+) -> int:
+    """Pictures and curves of a finished run, and what it wrote, on stdout."""
     vae, payload = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
     condition = one_hot_labels(vae, data, "valid")
     condition = None if condition is None else condition.to(device)
@@ -866,6 +905,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_in_folder(
+    args: argparse.Namespace,
+    vae: VAE,
+    data: Dataset,
+    train_config: TrainConfig,
+    folder: RunFolder,
+    replica: Replica,
+    callbacks: list[Callback],
+) -> tuple[int | None, list[dict[str, Any]]]:
+    """Run ``fit`` in the folder: (None, its history) when it finished, else (the exit status
+    of its stop, [])
+
+    A run that stops before completing an epoch leaves no files, and an old run set aside by
+    ``--overwrite`` comes back.
+    """
+    run_dir = folder.path
+    try:
+        with _sigterm_as_interrupt():
+            history = fit(
+                vae,
+                data,
+                train_config,
+                run_dir,
+                not args.quiet,
+                args.resume is not None,
+                replica,
+                callbacks,
+            )
+    except (TrainingDiverged, TrainingInterrupted, RunNotWritten) as error:
+        return (_report_stop(error, folder) if replica.is_main else 1), []
+    except BaseException:
+        if replica.is_main:
+            _undo_unstarted(folder)
+        raise
+    return None, history
+
+
+def _undo_unstarted(folder: RunFolder) -> bool:
+    """Drop a run that completed no epoch (and bring back the run it replaced); whether an
+    old run came back."""
+    discard_unstarted(folder.path)
+    return folder.restore()
+
+
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Inside, SIGTERM (what schedulers and ``kill`` send) stops training like Ctrl-C does.
@@ -888,17 +971,22 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _report_stop(
-    error: TrainingDiverged | TrainingInterrupted, run_dir: Path, created: bool
+    error: TrainingDiverged | TrainingInterrupted | RunNotWritten, folder: RunFolder
 ) -> int:
-    """One line on stderr for a diverged (status 1) or interrupted (status 130) run."""
-    discard_unstarted(run_dir, created)
-    saved = (run_dir / LAST).exists()
+    """One line on stderr for a diverged or unwritable (status 1) or interrupted (130) run."""
+    run_dir = folder.path
+    started = (run_dir / LAST).exists()
+    restored = False if started else _undo_unstarted(folder)
     if isinstance(error, TrainingInterrupted):
-        hint = f"; continue with: pyro-vae train --resume {run_dir}" if saved else ""
+        hint = f"; continue with: pyro-vae train --resume {run_dir}" if started else ""
         print(f"pyro-vae: {_one_line(error)}{hint}", file=sys.stderr)
         return 130
-    if saved:
+    if isinstance(error, RunNotWritten):
+        hint = f"; then: pyro-vae train --resume {run_dir}" if started else ""
+    elif started:
         hint = f"; then: pyro-vae train --resume {run_dir} --lr LOWER"
+    elif restored:
+        hint = f"; no epoch had finished, so {run_dir} keeps the run it held before"
     else:
         hint = f"; no epoch had finished, so {run_dir} keeps no run"
     print(f"pyro-vae: error: {_one_line(error)}{hint}", file=sys.stderr)
@@ -1023,6 +1111,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "likelihood_options": likelihood_options,
             "latent_dims": args.latent_dims,
             "inference": args.inference,
+            "decoder_input": args.decoder_input,
         },
     )
     if args.out.exists() and not args.out.is_dir():

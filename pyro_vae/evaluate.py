@@ -14,6 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .model import VAE
+from .validation import check_images, check_instance, check_positive_int, check_work
 
 __all__ = [
     "Evaluation",
@@ -134,10 +135,16 @@ def _batch_statistics(
 
 
 def _check(x: Tensor, vae: VAE, num_samples: int, condition: Tensor | None = None) -> None:
-    if not isinstance(num_samples, int) or num_samples < 1:
+    check_instance("vae", vae, VAE)
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if x.dim() != 2 or x.shape[-1] != vae.config.data_dim:
-        raise ValueError(f"x must have shape (B, {vae.config.data_dim}), got {tuple(x.shape)}")
+    check_images("x", x, vae.config.data_dim, flat=True)
+    check_work(
+        f"num_samples {num_samples} for each of {x.shape[0]} images",
+        2.0 * num_samples * x.shape[0] * vae.config.estimated_parameters(),
+    )
+    if condition is not None:
+        check_instance("condition", condition, Tensor)
     if condition is not None and condition.shape[:-1] != x.shape[:-1]:
         raise ValueError(
             f"condition must have shape (B, C) with B = {x.shape[0]}, got {tuple(condition.shape)}"
@@ -192,6 +199,7 @@ def evaluate(
     not comparable with the log probabilities of discrete data.
     """
     _check(x, vae, num_samples, condition)
+    check_positive_int("batch_size", batch_size)
     if x.shape[0] == 0:
         raise ValueError("cannot evaluate on an empty set of images")
     vae.likelihood.check_data(x, "x")
@@ -226,6 +234,13 @@ def evaluate(
     )
 
 
+def _check_units(vae: VAE, x: Tensor, num_samples: int, batch_size: int) -> None:
+    check_instance("vae", vae, VAE)
+    check_images("x", x, vae.config.data_dim, flat=True)
+    check_positive_int("num_samples", num_samples)
+    check_positive_int("batch_size", batch_size)
+
+
 @torch.no_grad()
 def active_units(
     vae: VAE, x: Tensor, threshold: float = 0.01, num_samples: int = 100, batch_size: int = 500
@@ -239,6 +254,7 @@ def active_units(
     References:
         Importance Weighted Autoencoders (Burda, Grosse & Salakhutdinov, 2015), section 5.2
     """
+    _check_units(vae, x, num_samples, batch_size)
     if len(vae.latent_sites) > 1:
         return sum(layer_active_units(vae, x, threshold, num_samples, batch_size).values())
     means = []
@@ -256,6 +272,7 @@ def layer_active_units(
     vae: VAE, x: Tensor, threshold: float = 0.01, num_samples: int = 100, batch_size: int = 500
 ) -> dict[str, int]:
     """Active units of each latent site (layer), E_q[z_l | x] averaged over guide draws."""
+    _check_units(vae, x, num_samples, batch_size)
     sums: dict[str, list[Tensor]] = {name: [] for name in vae.latent_sites}
     for batch in x.split(batch_size):
         with pyro.plate(f"{vae.prefix}.particles", num_samples, dim=-2):

@@ -18,12 +18,16 @@ __all__ = [
     "BottomUpPosterior",
     "GaussianLayer",
     "LadderPosterior",
+    "TopDownPosterior",
     "join",
     "merge_gaussians",
 ]
 
-#: Inference schemes of an L-layer model: ``bottom-up`` and ``ladder`` (top-down).
-INFERENCES = ("bottom-up", "ladder")
+#: Inference schemes of an L-layer model: ``bottom-up``, ``top-down`` and ``ladder``.
+INFERENCES = ("bottom-up", "top-down", "ladder")
+
+#: What the decoder of an L-layer model reads: ``z1`` (p(x | z_1)) or ``all`` (p(x | z_1..z_L)).
+DECODER_INPUTS = ("z1", "all")
 
 
 def join(a: Tensor, b: Tensor | None) -> Tensor:
@@ -122,6 +126,34 @@ class BottomUpPosterior(nn.Module):
         for index, layer in enumerate(self.layers[:-1]):
             below = layer.loc_scale(x if index == 0 else join(x, below))[0]
         return self.layers[-1].loc_scale(join(x, below))
+
+
+class TopDownPosterior(nn.Module):
+    r"""q(z_L | x) q(z_{L-1} | z_L, x) ... q(z_1 | z_2, x), each layer a registered guide.
+
+    The posterior of the VampPrior paper's HVAE (Tomczak & Welling 2018): the top layer is an
+    amortized guide of x, layer l < L one of ``[x, z_{l+1}]``, sampled from the top down like
+    the model, so a VampPrior on z_L mixes the top layer's own q(z_L | u_k).
+
+    Args:
+        layers: The L guides, from z_1 (next to x) to z_L.
+    """
+
+    order = "top-down"
+
+    def __init__(self, layers: Sequence[AmortizedGuide]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.data_dim = self.layers[-1].data_dim
+
+    def posterior(self, index: int, x: Tensor, above: Tensor | None) -> Distribution:
+        """q(z_{index+1} | x, z_{index+2}): x ``(*, B, P)``, ``above`` the layer over it."""
+        last = len(self.layers) - 1
+        return self.layers[index](x if index == last else join(x, above))
+
+    def loc_scale(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Gaussian base of q(z_L | x): mean, scale ``(B, D_L)`` and context."""
+        return self.layers[-1].loc_scale(x)
 
 
 class LadderPosterior(nn.Module):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,10 +17,12 @@ from torch import Tensor, nn
 
 from .guides import GUIDES, make_guide
 from .hierarchy import (
+    DECODER_INPUTS,
     INFERENCES,
     BottomUpPosterior,
     GaussianLayer,
     LadderPosterior,
+    TopDownPosterior,
     join,
     merge_gaussians,
 )
@@ -28,7 +30,7 @@ from .likelihoods import LIKELIHOODS, make_likelihood
 from .networks import ARCHS, NetworkPair, check_hidden_dims, make_arch
 from .priors import LATENTS, PRIORS, make_prior
 from .sphere import VonMisesFisher
-from .validation import check_key, check_memory, check_positive_int
+from .validation import check_images, check_key, check_memory, check_positive_int
 
 __all__ = ["MAX_LATENT_DIM", "VAE", "ModelDraw", "VAEConfig"]
 
@@ -71,10 +73,13 @@ class VAEConfig:
             ``prior``): p(z_L) p(z_{L-1} | z_L) ... p(x | z_1) with Gaussian layers. None: one
             layer of ``latent_dim``; given, ``latent_dim`` is ``latent_dims[0]``.
         inference: How an L-layer posterior is built: ``bottom-up``, q(z_1|x) q(z_2|z_1, x)
-            ..., each layer a guide of ``layer_guides``; or ``ladder``, the bottom-up pass
-            merged with the generative top-down pass (Sonderby et al. 2016; diagonal only).
-        layer_guides: Guide key of each layer (bottom-up); None: ``guide`` for every layer.
-            ``guide_options`` go to the layers whose key is ``guide``.
+            ..., or ``top-down``, q(z_L|x) q(z_{L-1}|z_L, x) ... (the VampPrior paper's HVAE),
+            each layer a guide of ``layer_guides``; or ``ladder``, the bottom-up pass merged
+            with the generative top-down pass (Sonderby et al. 2016; diagonal only).
+        layer_guides: Guide key of each layer (bottom-up or top-down); None: ``guide`` for
+            every layer. ``guide_options`` go to the layers whose key is ``guide``.
+        decoder_input: What p(x | .) reads: ``z1`` (the layer next to x) or ``all`` (every
+            layer, concatenated [z_1, ..., z_L], as the VampPrior paper's HVAE).
     """
 
     data_dim: int
@@ -94,6 +99,7 @@ class VAEConfig:
     latent_dims: tuple[int, ...] | None = None
     inference: str = "bottom-up"
     layer_guides: tuple[str, ...] | None = None
+    decoder_input: str = "z1"
 
     def __post_init__(self) -> None:
         self._normalize_layers()
@@ -150,6 +156,12 @@ class VAEConfig:
             raise ValueError(f"a one-layer model takes its guide from guide, got {guides!r}")
         object.__setattr__(self, "layer_guides", tuple(guides))
         check_key(dict.fromkeys(INFERENCES), "inference", self.inference)
+        check_key(dict.fromkeys(DECODER_INPUTS), "decoder_input", self.decoder_input)
+
+    @property
+    def code_dim(self) -> int:
+        """Width of the latent code the decoder reads: D_1, or D_1 + ... + D_L (``all``)."""
+        return sum(self.latent_dims) if self.decoder_input == "all" else self.latent_dim
 
     def _check_layers(self) -> None:
         """An L-layer model: Euclidean layers; a ladder posterior only of diagonal Gaussians."""
@@ -226,10 +238,11 @@ class VAEConfig:
         total = 0
         for index, size in enumerate(sizes):
             below = sizes[index - 1] if index else 0
-            total += gate * chain(inputs + below, widths, 3 * size)  # trunk and heads
+            neighbour = max(below, sizes[index + 1] if index + 1 < len(sizes) else 0)
+            total += gate * chain(inputs + neighbour, widths, 3 * size)  # trunk and heads
             if index:
                 total += gate * chain(size, widths[::-1], 2 * below)  # p(z_l | z_{l+1})
-        total += gate * chain(sizes[0] + self.condition_dim, widths[::-1], 2 * self.data_dim)
+        total += gate * chain(self.code_dim + self.condition_dim, widths[::-1], 2 * self.data_dim)
         flows = options.get("num_flows", 0)
         if isinstance(flows, int) and flows > 0:
             total += flows * 3 * (10 * sizes[0]) * (sizes[0] + widths[-1])
@@ -345,7 +358,7 @@ class VAE(PyroModule):
         self.encoder = encoder
         if decoder is None:
             decoder = arch.decoder(
-                config.latent_dim + config.condition_dim,
+                config.code_dim + config.condition_dim,
                 tuple(reversed(config.hidden_dims)),
                 likelihood.outputs_per_pixel * config.data_dim,
                 config.image_shape,
@@ -386,15 +399,20 @@ class VAE(PyroModule):
         sizes = config.latent_dims
         if len(sizes) > 1 and config.inference == "ladder":
             return LadderPosterior(in_dim, sizes, config.hidden_dims, trunk=trunk)
+        top_down = config.inference == "top-down"
+        first = len(sizes) - 1 if top_down else 0  # the layer that reads x alone
         layers = []
         for index, (key, size) in enumerate(zip(config.layer_guides, sizes, strict=True)):
-            width = in_dim if index == 0 else in_dim + sizes[index - 1]
+            neighbour = index + 1 if top_down else index - 1
+            width = in_dim if index == first else in_dim + sizes[neighbour]
             options = config.guide_options if key == config.guide else {}
-            layer_trunk = trunk if index == 0 else self._open_trunk(arch, width)
+            layer_trunk = trunk if index == first else self._open_trunk(arch, width)
             layers.append(
                 make_guide(key, width, size, config.hidden_dims, trunk=layer_trunk, **options)
             )
-        return layers[0] if len(sizes) == 1 else BottomUpPosterior(layers)
+        if len(sizes) == 1:
+            return layers[0]
+        return TopDownPosterior(layers) if top_down else BottomUpPosterior(layers)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> VAE:
@@ -469,6 +487,8 @@ class VAE(PyroModule):
         width = self.config.condition_dim
         if width and condition is None:
             raise ValueError(f"this VAE is conditional: pass condition of shape (*, B, {width})")
+        if condition is not None and not isinstance(condition, Tensor):
+            raise TypeError(f"condition must be a Tensor, got {type(condition).__name__}")
         if condition is not None and (not width or condition.shape[-1] != width):
             raise ValueError(
                 f"condition must have shape (*, B, {width}) (config.condition_dim), "
@@ -480,8 +500,19 @@ class VAE(PyroModule):
         return self._network("latent_prior")()
 
     def likelihood_of(self, z: Tensor, condition: Tensor | None = None) -> dist.Distribution:
-        """p(x | z, c): batch ``(*, P)`` for z ``(*, D)`` (no event dim; see ``model``)."""
+        """p(x | z, c): batch ``(*, P)`` for the code z ``(*, code_dim)`` (no event dim).
+
+        The code is z_1, or [z_1, ..., z_L] with ``config.decoder_input == "all"``
+        (:meth:`code_of`).
+        """
         return self._network("likelihood")(self._network("decoder")(join(z, condition)))
+
+    def code_of(self, layers: Sequence[Tensor]) -> Tensor:
+        """The decoder's code ``(*, code_dim)`` from the layers [z_1, ..., z_L] ``(*, D_l)``."""
+        if self.config.decoder_input == "z1" or len(layers) == 1:
+            return layers[0]
+        lead = torch.broadcast_shapes(*(z.shape[:-1] for z in layers))
+        return torch.cat([z.expand(*lead, z.shape[-1]) for z in layers], -1)
 
     @pyro_method
     def model(
@@ -505,20 +536,25 @@ class VAE(PyroModule):
         dims broadcast, e.g. an enumerated label).
 
         With several layers (``config.latent_dims``) the sites are ``f"{name}.z1"`` (next to
-        x) to ``f"{name}.zL"``; ``prior`` then replaces p(z_L).
+        x) to ``f"{name}.zL"``; ``prior`` then replaces p(z_L), and the decoder reads z_1 or
+        all layers (``config.decoder_input``).
 
         Returns:
             ``ModelDraw(z, x)``: the latent next to x (z_1) and the observed or drawn images.
         """
+        if x is not None:
+            check_images("x", x, self.config.data_dim)
         self._check_condition(condition)
         sites = self.latent_sites
         with self._data_plate(x, batch_size, num_data, subsample):
             z = pyro.sample(sites[-1], self.prior() if prior is None else prior)
+            layers = [z]
             if len(sites) > 1:
                 transitions = self._network("transitions")
                 for index in reversed(range(len(sites) - 1)):
                     z = pyro.sample(sites[index], transitions[index](z))
-            likelihood = self.likelihood_of(z, condition)
+                    layers.insert(0, z)
+            likelihood = self.likelihood_of(self.code_of(layers), condition)
             if mask is not None:
                 likelihood = likelihood.mask(mask)
             x = pyro.sample(f"{self.prefix}.x", likelihood.to_event(1), obs=x)
@@ -542,6 +578,7 @@ class VAE(PyroModule):
         """
         if x is None:
             raise ValueError("the guide needs the observed images x")
+        check_images("x", x, self.config.data_dim)
         self._check_condition(condition)
         encoder, sites, x_in = self._network("encoder"), self.latent_sites, join(x, condition)
         with self._data_plate(x, batch_size, num_data, subsample):
@@ -553,6 +590,11 @@ class VAE(PyroModule):
                     below = pyro.sample(site, encoder.posterior(index, x_in, below))
                     z1 = below if index == 0 else z1
                 return z1
+            if isinstance(encoder, TopDownPosterior):
+                above = None
+                for index in reversed(range(len(sites))):
+                    above = pyro.sample(sites[index], encoder.posterior(index, x_in, above))
+                return above
             ups, transitions = encoder.bottom_up(x_in), self._network("transitions")
             z = pyro.sample(sites[-1], encoder.posterior(ups[-1], None))
             for index in reversed(range(len(sites) - 1)):
@@ -562,7 +604,12 @@ class VAE(PyroModule):
 
     @torch.no_grad()
     def decode(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
-        """E[x | z, c] ``(*, P)`` for latents ``(*, D)`` (pixel probabilities for Bernoulli)."""
+        """E[x | z, c] ``(*, P)`` for codes ``(*, code_dim)`` (Bernoulli: pixel probabilities).
+
+        The code is what :meth:`encode` returns: z_1, or [z_1, ..., z_L] when the decoder
+        reads every layer.
+        """
+        check_images("z", z, self.config.code_dim, "the code width")
         self._check_condition(condition)
         return self.likelihood.mean(self.decoder(join(z, condition)))
 
@@ -587,13 +634,25 @@ class VAE(PyroModule):
         With ``draw_pixels``, images drawn from p(x | z) instead of its mean (binary images
         for the Bernoulli likelihood), from the same z.
         """
+        if not isinstance(num_images, int) or isinstance(num_images, bool):
+            raise TypeError(f"num_images must be an int, got {type(num_images).__name__}")
+        if num_images < 0:
+            raise ValueError(f"num_images must be an integer >= 0, got {num_images}")
+        outputs = self.likelihood.outputs_per_pixel * self.config.data_dim
+        check_memory(
+            f"sample_images({num_images})",
+            4 * num_images * (outputs + sum(self.config.hidden_dims) + self.config.code_dim),
+        )
         device = self.prior_loc.device
         seed = int(torch.randint(2**62, (), generator=generator))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)  # local to this block: the global RNG state is restored
             z = self.prior().sample((num_images,))
+            layers = [z]
             for index in reversed(range(len(self.latent_sites) - 1)):
                 z = self.transitions[index](z).sample()  # ancestral, from the top down
+                layers.insert(0, z)
+            z = self.code_of(layers)
             if draw_pixels:
                 self._check_condition(condition)
                 return self.likelihood_of(z, condition).sample()
@@ -601,31 +660,49 @@ class VAE(PyroModule):
 
     @torch.no_grad()
     def encode(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
-        """A point code z_1 ``(B, D)`` of each image ``(B, P)``: the mean of q(z_1 | x, c).
+        """A point code ``(B, code_dim)`` of each image ``(B, P)``, what :meth:`decode` reads.
 
-        The mode on the sphere (the vMF mean lies inside it), one draw for flows (no closed
-        form), and the chain of posterior means from the top for a ladder posterior.
+        The mean of q(z_1 | x, c) (one layer, or a decoder reading z_1); with a decoder reading
+        every layer, [z_1, ..., z_L], each layer's posterior mean given the means of the
+        layers it is conditioned on. The mode on the sphere (the vMF mean lies inside it) and
+        one draw for flows (no closed form).
         """
+        check_images("x", x, self.config.data_dim)
         self._check_condition(condition)
         x_in = join(x, condition)
-        if isinstance(self.encoder, LadderPosterior):  # top-down through the posterior means
-            ups = self.encoder.bottom_up(x_in)
-            z = ups[-1][0]
+        encoder = self.encoder
+        if isinstance(encoder, LadderPosterior):  # top-down through the posterior means
+            ups = encoder.bottom_up(x_in)
+            layers = [ups[-1][0]]
             for index in reversed(range(len(ups) - 1)):
-                z = merge_gaussians(*ups[index], *self.transitions[index].loc_scale(z))[0]
-            return z
-        if isinstance(self.encoder, BottomUpPosterior):
-            posterior = self.encoder.posterior(0, x_in, None)
+                prior_params = self.transitions[index].loc_scale(layers[0])
+                layers.insert(0, merge_gaussians(*ups[index], *prior_params)[0])
+        elif isinstance(encoder, TopDownPosterior):
+            layers = [_point(encoder.posterior(len(encoder.layers) - 1, x_in, None))]
+            for index in reversed(range(len(encoder.layers) - 1)):
+                layers.insert(0, _point(encoder.posterior(index, x_in, layers[0])))
+        elif isinstance(encoder, BottomUpPosterior):
+            layers = []
+            for index in range(len(encoder.layers)):
+                below = layers[-1] if layers else None
+                layers.append(_point(encoder.posterior(index, x_in, below)))
+                if self.config.decoder_input == "z1":
+                    break
         else:
-            posterior = self.encoder(x_in)
-        if isinstance(posterior, VonMisesFisher):
-            return posterior.loc
-        try:
-            return posterior.mean
-        except NotImplementedError:  # flows have no closed-form mean: use one sample
-            return posterior.sample()
+            layers = [_point(encoder(x_in))]
+        return self.code_of(layers)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
         """Means ``(B, P)`` decoded from :meth:`encode`'s code of each image."""
         return self.decode(self.encode(x, condition), condition)
+
+
+def _point(posterior: dist.Distribution) -> Tensor:
+    """A point of q: the mean, the mode on the sphere, one draw when there is no closed form."""
+    if isinstance(posterior, VonMisesFisher):
+        return posterior.loc
+    try:
+        return posterior.mean
+    except NotImplementedError:  # flows have no closed-form mean: use one sample
+        return posterior.sample()

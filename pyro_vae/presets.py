@@ -94,8 +94,15 @@ PRESETS: dict[str, Preset] = {
         },
     ),
     "mnist-hvae": Preset(
-        "two stochastic layers of 40 (bottom-up posterior), gated 300-300 networks",
-        {**_GATED_LAYERS, "latent_dims": (40, 40), "guide": "diagonal"},
+        "two stochastic layers of 40 as in the VampPrior paper's HVAE (top-down posterior, "
+        "decoder reading both layers), gated 300-300 networks",
+        {
+            **_GATED_LAYERS,
+            "latent_dims": (40, 40),
+            "guide": "diagonal",
+            "inference": "top-down",
+            "decoder_input": "all",
+        },
     ),
     "mnist-hvae-vamp": Preset(
         "mnist-hvae with a VampPrior of 100 pseudo-inputs on the top layer",
@@ -103,6 +110,8 @@ PRESETS: dict[str, Preset] = {
             **_GATED_LAYERS,
             "latent_dims": (40, 40),
             "guide": "diagonal",
+            "inference": "top-down",
+            "decoder_input": "all",
             "prior": "vamp",
             "prior_option": [("num_components", 100)],
             "clip_norm": 2e7,

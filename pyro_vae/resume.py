@@ -127,10 +127,17 @@ def load_training_state(
         ValueError: the stored model or the fields ``RESUME_KEYS`` differ from the given ones.
     """
     payload = read_payload(path)  # RNG states must stay on the CPU
-    if payload.get("config") != vae.config.to_dict():
-        raise ValueError(
-            f"{path}: holds a model {payload.get('config')!r}, not {vae.config.to_dict()!r}"
+    stored_model, model = payload.get("config"), vae.config.to_dict()
+    if stored_model != model:
+        if not isinstance(stored_model, dict):
+            raise ValueError(f"{path}: holds no model configuration")
+        differ = [key for key in model if stored_model.get(key) != model[key]]
+        differ += [key for key in stored_model if key not in model]
+        shown = ", ".join(
+            f"{key} {stored_model.get(key)!r} (expected {model.get(key)!r})" for key in differ[:3]
         )
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise ValueError(f"{path}: holds another model: {shown[:300]}{more}")
     stored, given = payload.get("train_config") or {}, asdict(train_config)
     changed = [key for key in RESUME_KEYS if stored.get(key) != given[key]]
     if changed:

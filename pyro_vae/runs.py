@@ -20,6 +20,7 @@ from .checkpoint import atomic_write
 from .data import DataSpec
 from .model import VAE, VAEConfig
 from .pictures import read_metrics, save_image_grid
+from .run_folder import RunFolder
 from .train import TrainConfig
 
 __all__ = [
@@ -30,6 +31,9 @@ __all__ = [
     "discard_unstarted",
     "load_run",
     "prepare_run_dir",
+    "run_folder",
+    "run_outputs",
+    "set_aside_old_run",
     "read_config_file",
     "read_run",
     "record_evaluation",
@@ -258,37 +262,57 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
 def prepare_run_dir(
     out: Path | None, data: DataSpec, guide: str, overwrite: bool, write: bool = True
 ) -> tuple[Path, bool]:
-    """The run folder, emptied of an old run's files; also whether it was created here.
+    """The run folder and whether it is new (created when its lock is taken).
 
     ``out`` defaults to ``runs/DATA-GUIDE``. With ``write=False`` (a process other than rank
-    0) nothing is checked or touched. RunError when it holds a run and not ``overwrite``.
+    0) nothing is checked. RunError when it holds a run and not ``overwrite``.
     """
     run_dir = out or Path("runs") / f"{data.name}-{guide}"
     if not write:  # another process owns the folder
         return run_dir, False
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"--out {run_dir}: exists and is not a folder")
+    _refuse_existing_run(run_dir, overwrite)
+    return run_dir, not run_dir.exists()
+
+
+def _refuse_existing_run(run_dir: Path, overwrite: bool) -> list[str]:
+    """The run files in ``run_dir``; RunError when there are some and not ``overwrite``."""
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if existing and not overwrite:
         raise RunError(
             f"--out {run_dir}: already holds a run ({', '.join(existing)}); pass "
             f"--resume {run_dir} to continue it, --overwrite to replace it, or another --out"
         )
-    for name in existing:
-        (run_dir / name).unlink()
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, created
+    return existing
 
 
-def discard_unstarted(run_dir: Path, created: bool) -> None:
+def run_outputs(run_dir: Path) -> list[Path]:
+    """What pyro-vae wrote in a run folder: ``RUN_FILES``, sample grids, TensorBoard files
+    and unfinished temporary files; other files in the folder are not the run's."""
+    names = [*RUN_FILES, "tensorboard"]
+    found = [run_dir / name for name in names if (run_dir / name).exists()]
+    return found + sorted(run_dir.glob("samples-*.png")) + sorted(run_dir.glob(".*.tmp"))
+
+
+def run_folder(run_dir: Path) -> RunFolder:
+    """The run folder ``run_dir`` with its lock; ``--overwrite`` moves only its outputs."""
+    return RunFolder(run_dir, run_outputs)
+
+
+def set_aside_old_run(folder: RunFolder, overwrite: bool) -> None:
+    """Under the folder's lock: keep an old run aside (``--overwrite``) until the new run's
+    first epoch; RunError when there is one and not ``overwrite``."""
+    if _refuse_existing_run(folder.path, overwrite):
+        folder.set_aside()
+
+
+def discard_unstarted(run_dir: Path) -> None:
     """Remove what a run wrote before its first epoch ended, so no empty run is left behind."""
     if (run_dir / "last.pt").exists():
         return
     for name in (CONFIG, "metrics.csv"):
         (run_dir / name).unlink(missing_ok=True)
-    if created and not any(run_dir.iterdir()):
-        run_dir.rmdir()
 
 
 def stored_data_spec(run_dir: Path, record: dict[str, Any]) -> DataSpec:

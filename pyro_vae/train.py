@@ -28,7 +28,7 @@ from .model import VAE
 from .objectives import OBJECTIVES, FreeBits_ELBO, check_gradient_estimator, make_objective
 from .resume import LAST, Progress, load_training_state, save_training_state
 from .schedules import LR_SCHEDULES, kl_weight, learning_rate, patience_exhausted
-from .validation import check_memory, check_positive_int
+from .validation import check_instance, check_memory, check_positive_int, check_seed
 
 __all__ = [
     "TrainConfig",
@@ -56,6 +56,11 @@ _REMEDY = (
 
 class TrainingDiverged(RuntimeError):
     """The loss or a gradient became NaN or infinite; the message names the epoch and step."""
+
+
+class RunNotWritten(OSError):
+    """An epoch's files could not be written (no space, read-only, permission); the run
+    folder keeps the epoch before it, and ``--resume`` continues once writing works again."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -139,6 +144,7 @@ class TrainConfig:
         for name in ("num_epochs", "batch_size", "num_particles", "log_every"):
             value = getattr(self, name)
             check_positive_int(name, value)
+        check_seed("seed", self.seed)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         clip = self.clip_norm
@@ -273,6 +279,8 @@ def fit(
     """
     replica = replica or Replica()
     _check_fit_args(vae, data, config, run_dir, resume, replica)
+    for callback in callbacks:
+        check_instance("each of callbacks", callback, Callback)
     run_dir = None if run_dir is None or not replica.is_main else Path(run_dir)
     if run_dir is not None and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -363,8 +371,11 @@ def _check_fit_args(
     resume: bool,
     replica: Replica,
 ) -> None:
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    check_instance("vae", vae, VAE)
+    check_instance("data", data, Dataset, "e.g. load_dataset(DataSpec('digits'))")
+    check_instance("config", config, TrainConfig)
+    if run_dir is not None:
+        check_instance("run_dir", run_dir, (str, Path))
     if data.data_dim != vae.config.data_dim:
         raise ValueError(
             f"data has {data.data_dim} pixels but the model expects {vae.config.data_dim}"
@@ -491,7 +502,9 @@ def _end_epoch(
     if row["valid_elbo"] > best:
         best, best_epoch = row["valid_elbo"], row["epoch"]
     new = Progress(row["epoch"], best, best_epoch, [*state.history, row])
-    if run_dir is not None:
+    if run_dir is None:
+        return new
+    try:
         write_metrics(run_dir / METRICS, new.history)
         if best_epoch == row["epoch"]:
             save_checkpoint(
@@ -502,6 +515,15 @@ def _end_epoch(
                 train_config=asdict(config),
             )
         save_training_state(run_dir / LAST, vae, optimizer, generator, config, new)
+    except OSError as error:
+        try:  # the metrics of the epochs last.pt holds, if anything can still be written
+            write_metrics(run_dir / METRICS, state.history)
+        except OSError:
+            pass
+        kept = f"epoch {state.epoch}" if state.epoch else "no epoch"
+        raise RunNotWritten(
+            f"epoch {row['epoch']} could not be recorded ({error}); {run_dir} keeps {kept}"
+        ) from None
     return new
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -12,11 +13,12 @@ import pytest
 import torch
 from robust_helpers import cli_train, save_binary_npy, tiny_config, tiny_data, tiny_vae
 
-from pyro_vae.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
+from pyro_vae.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from pyro_vae.cli import main
 from pyro_vae.data import DataError, DataSpec, load_dataset
+from pyro_vae.evaluate import active_units, elbo, evaluate, log_likelihood
 from pyro_vae.guides import make_guide
-from pyro_vae.model import MAX_LATENT_DIM, VAEConfig
+from pyro_vae.model import MAX_LATENT_DIM, VAE, VAEConfig
 from pyro_vae.train import TrainConfig, fit
 
 
@@ -187,6 +189,12 @@ OTHER_CASES: list[tuple[str, Callable[[P], list[str]], list[str]]] = [
         lambda p: ["train", "--resume", str(p["evil"]), "--epochs", "2"],
         ["refused to load"],
     ),
+    (
+        "evaluate for months",
+        lambda p: ["evaluate", str(p["run"]), "--num-samples", "1000000000000000"],
+        ["num_samples 1000000000000000 for each of", "days"],
+    ),
+    ("seed overflow", lambda p: ["evaluate", str(p["run"]), "--seed", "9" * 30], ["seed", "0 to"]),
 ]
 
 
@@ -244,6 +252,100 @@ API_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
 ]
 
 
+_X = torch.bernoulli(torch.full((5, 16), 0.5), generator=torch.Generator().manual_seed(0))
+
+
+def _vae() -> VAE:
+    return VAE(VAEConfig(16, 2, (8,), "diagonal"))
+
+
+def _hierarchy() -> VAE:
+    return VAE(
+        VAEConfig(16, hidden_dims=(8,), guide="diagonal", latent_dims=(3, 2), decoder_input="all")
+    )
+
+
+API_CASES += [
+    ("fit data str", lambda: fit(_vae(), "digits", tiny_config(1)), TypeError, "data must be a"),
+    ("fit data array", lambda: fit(_vae(), _X.numpy(), tiny_config(1)), TypeError, "ndarray"),
+    ("fit vae str", lambda: fit("vae", tiny_data(), tiny_config(1)), TypeError, "vae must be"),
+    (
+        "fit callback int",
+        lambda: fit(tiny_vae(), tiny_data(), tiny_config(1), progress=False, callbacks=[1]),
+        TypeError,
+        "callbacks must be a Callback, got int",
+    ),
+    (
+        "fit run_dir int",
+        lambda: fit(tiny_vae(), tiny_data(), tiny_config(1), run_dir=3),
+        TypeError,
+        "run_dir must be a str or Path",
+    ),
+    ("evaluate array", lambda: evaluate(_vae(), _X.numpy()), TypeError, "torch.as_tensor"),
+    ("evaluate list", lambda: evaluate(_vae(), _X.tolist()), TypeError, "got list"),
+    ("evaluate ints", lambda: evaluate(_vae(), _X.long()), TypeError, "x.float()"),
+    ("evaluate batch 0", lambda: evaluate(_vae(), _X, batch_size=0), ValueError, "batch_size"),
+    ("evaluate batch str", lambda: evaluate(_vae(), _X, batch_size="9"), ValueError, "'9'"),
+    ("evaluate K bool", lambda: evaluate(_vae(), _X, num_samples=True), ValueError, "True"),
+    ("evaluate K float", lambda: evaluate(_vae(), _X, num_samples=2.0), ValueError, "2.0"),
+    ("evaluate K huge", lambda: evaluate(_vae(), _X, num_samples=10**16), ValueError, "days"),
+    ("evaluate 1-d", lambda: evaluate(_vae(), _X[0]), ValueError, r"\(16,\)"),
+    ("evaluate width", lambda: evaluate(_vae(), _X[:, :7]), ValueError, r"\(5, 7\)"),
+    ("evaluate nan", lambda: evaluate(_vae(), _X * math.nan), ValueError, "found nan"),
+    ("evaluate halves", lambda: evaluate(_vae(), _X * 0.5), ValueError, "found 0.5"),
+    ("evaluate vae", lambda: evaluate("vae", _X), TypeError, "vae must be a VAE"),
+    ("log_likelihood str", lambda: log_likelihood(_vae(), "x"), TypeError, "got str"),
+    ("elbo array", lambda: elbo(_vae(), _X.numpy()), TypeError, "ndarray"),
+    ("active_units array", lambda: active_units(_vae(), _X.numpy()), TypeError, "ndarray"),
+    ("active_units K 0", lambda: active_units(_vae(), _X, num_samples=0), ValueError, "got 0"),
+    ("load_dataset str", lambda: load_dataset("digits"), TypeError, "spec must be a DataSpec"),
+    ("DataSpec seed -1", lambda: DataSpec(seed=-1), DataError, "seed .* got -1"),
+    ("DataSpec seed str", lambda: DataSpec(seed="a"), DataError, "got 'a'"),
+    ("DataSpec path int", lambda: DataSpec("array", 3), TypeError, "path must be"),
+    ("seed str", lambda: TrainConfig(seed="abc"), ValueError, "seed .* got 'abc'"),
+    ("seed negative", lambda: TrainConfig(seed=-1), ValueError, "got -1"),
+    ("seed 2**70", lambda: TrainConfig(seed=2**70), ValueError, "0 to 4294967295"),
+    ("seed bool", lambda: TrainConfig(seed=True), ValueError, "got True"),
+    ("VAE config dict", lambda: VAE({"data_dim": 3}), TypeError, "VAEConfig, got dict"),
+    ("sample -1", lambda: _vae().sample_images(-1), ValueError, "num_images .* -1"),
+    ("sample str", lambda: _vae().sample_images("3"), TypeError, "num_images must be an int"),
+    ("sample 1e12", lambda: _vae().sample_images(10**12), ValueError, "GiB"),
+    ("encode array", lambda: _vae().encode(_X.numpy()), TypeError, "ndarray"),
+    ("encode width", lambda: _vae().encode(_X[:, :5]), ValueError, r"\(5, 5\)"),
+    ("reconstruct width", lambda: _vae().reconstruct(_X[:, :5]), ValueError, "P = 16"),
+    ("decode width", lambda: _vae().decode(torch.zeros(3, 5)), ValueError, "code width = 2"),
+    ("decode array", lambda: _vae().decode(np.zeros((3, 2))), TypeError, "ndarray"),
+    (
+        "decode all layers",
+        lambda: _hierarchy().decode(torch.zeros(3, 3)),
+        ValueError,
+        "code width = 5",
+    ),
+    ("model width", lambda: _vae().model(_X[:, :5]), ValueError, r"\(5, 5\)"),
+    ("guide width", lambda: _vae().guide(_X[:, :5]), ValueError, r"\(5, 5\)"),
+    ("guide array", lambda: _vae().guide(_X.numpy()), TypeError, "ndarray"),
+    (
+        "condition array",
+        lambda: _vae().model(_X, condition=np.zeros((5, 2))),
+        TypeError,
+        "condition must be a Tensor",
+    ),
+    ("save_checkpoint str", lambda: save_checkpoint("/tmp/x.pt", "vae"), TypeError, "VAE"),
+    (
+        "decoder_input unknown",
+        lambda: VAEConfig(16, latent_dims=(2, 2), decoder_input="top"),
+        ValueError,
+        "decoder_input 'top'",
+    ),
+    (
+        "inference unknown",
+        lambda: VAEConfig(16, latent_dims=(2, 2), inference="up"),
+        ValueError,
+        "inference 'up'",
+    ),
+]
+
+
 def VAE16() -> object:  # noqa: N802
     from pyro_vae.model import VAE
 
@@ -256,7 +358,7 @@ def VAE16() -> object:  # noqa: N802
 def test_python_api_rejects(make: Callable, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match) as info:
         make()
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
 
 
 def test_fit_resume_from_folder_without_state(tmp_path: Path) -> None:

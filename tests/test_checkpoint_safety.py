@@ -131,8 +131,14 @@ def test_fault_during_checkpoint_write_keeps_previous(
 ) -> None:
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, tiny_vae(), epoch=1)
-    monkeypatch.setattr(torch, "save", fail_midway(torch.save))
-    with pytest.raises(OSError, match="injected"):
+
+    def broken(self: Path, data: bytes) -> None:  # the serialized bytes stop halfway
+        with open(self, "wb") as handle:
+            handle.write(bytes(data)[: len(data) // 2])
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(Path, "write_bytes", broken)
+    with pytest.raises(OSError, match=f"cannot write {path}: disk full"):
         save_checkpoint(path, tiny_vae(seed=1), epoch=2)
     monkeypatch.undo()
     assert load_checkpoint(path)[1]["epoch"] == 1

@@ -25,7 +25,12 @@ from pyro_vae.cli import main
 from pyro_vae.distributed import ELBOLoss
 from pyro_vae.evaluate import evaluate, log_weights
 from pyro_vae.guides import MIN_SCALE
-from pyro_vae.hierarchy import BottomUpPosterior, LadderPosterior, merge_gaussians
+from pyro_vae.hierarchy import (
+    BottomUpPosterior,
+    LadderPosterior,
+    TopDownPosterior,
+    merge_gaussians,
+)
 from pyro_vae.objectives import FreeBits_ELBO
 from pyro_vae.train import fit
 
@@ -84,10 +89,16 @@ def _assert_same_grads(a: list[Tensor], b: list[Tensor]) -> None:
 # ---------------------------------------------------------------- densities by hand
 
 
-@pytest.mark.parametrize("inference", ["bottom-up", "ladder"])
-def test_model_log_density_is_the_sum_of_gaussian_layers(float64: None, inference: str) -> None:
-    """log p(x, z) = log N(z3; 0, I) + sum_l log N(z_l; mu_l(z_{l+1}), s_l^2) + log p(x|z1)."""
-    vae, x = _hvae(inference), _binary(4, P)
+@pytest.mark.parametrize(
+    ("inference", "decoder_input"),
+    [("bottom-up", "z1"), ("ladder", "z1"), ("top-down", "z1"), ("top-down", "all")],
+)
+def test_model_log_density_is_the_sum_of_gaussian_layers(
+    float64: None, inference: str, decoder_input: str
+) -> None:
+    """log p(x, z) = log N(z3; 0, I) + sum_l log N(z_l; mu_l(z_{l+1}), s_l^2) + log p(x|z1),
+    or log p(x | z1, z2, z3) when the decoder reads every layer."""
+    vae, x = _hvae(inference, decoder_input=decoder_input), _binary(4, P)
     assert vae.latent_sites == ("vae.z1", "vae.z2", "vae.z3")
     guide, model = _traces(vae, x)
     z1, z2, z3 = _values(vae, guide)
@@ -96,7 +107,9 @@ def test_model_log_density_is_the_sum_of_gaussian_layers(float64: None, inferenc
         "vae.z3": _normal(z3, torch.zeros(2), torch.ones(2)),
         "vae.z2": _normal(z2, *vae.transitions[1].loc_scale(z3)),
         "vae.z1": _normal(z1, *vae.transitions[0].loc_scale(z2)),
-        "vae.x": _bernoulli(x, vae.decoder(z1)),
+        "vae.x": _bernoulli(
+            x, vae.decoder(z1 if decoder_input == "z1" else torch.cat([z1, z2, z3], -1))
+        ),
     }
     model.compute_log_prob()
     for site, expected in by_site.items():
@@ -181,6 +194,46 @@ def test_bottom_up_guide_feeds_each_layer_x_and_the_layer_below(float64: None) -
     assert torch.allclose(vae.reconstruct(x), expected_mean, atol=1e-12)
 
 
+@pytest.mark.parametrize("decoder_input", ["z1", "all"])
+def test_top_down_guide_feeds_each_layer_x_and_the_layer_above(
+    float64: None, decoder_input: str
+) -> None:
+    """q(z3|x) q(z2|[x, z3]) q(z1|[x, z2]), sampled from the top, each layer its own family;
+    the reconstruction decodes the chain of posterior means (all of it, or z1)."""
+    vae = _hvae(
+        "top-down", layer_guides=("full", "diagonal", "diagonal"), decoder_input=decoder_input
+    )
+    x = _binary(4, P)
+    encoder = vae.encoder
+    assert isinstance(encoder, TopDownPosterior)
+    assert [layer.data_dim for layer in encoder.layers] == [P + 2, P + 2, P]
+    guide, _ = _traces(vae, x)
+    z = _values(vae, guide)
+    inputs = [torch.cat([x, z[1]], -1), torch.cat([x, z[2]], -1), x]
+    expected = []
+    for layer, value, inp in zip(encoder.layers, z, inputs, strict=True):
+        q = layer(inp)
+        if isinstance(q, dist.MultivariateNormal):
+            tril = q.scale_tril
+            white = torch.linalg.solve_triangular(tril, (value - q.loc)[..., None], upper=False)
+            log_q = -0.5 * white[..., 0].pow(2).sum(-1) - value.shape[-1] * HALF_LOG_2PI
+            log_q = log_q - tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        else:
+            log_q = _normal(value, *layer.loc_scale(inp)[:2])
+        expected.append(log_q)
+    guide.compute_log_prob()
+    for site, value in zip(vae.latent_sites, expected, strict=True):
+        assert torch.allclose(guide.nodes[site]["log_prob"], value, atol=1e-10), site
+    hand = sum(value.sum() for value in expected)
+    _assert_same_grads(_grads(guide.log_prob_sum(), vae), _grads(hand, vae))
+    m3 = encoder.layers[2].loc_scale(x)[0]
+    m2 = encoder.layers[1].loc_scale(torch.cat([x, m3], -1))[0]
+    m1 = encoder.layers[0](torch.cat([x, m2], -1)).mean
+    code = m1 if decoder_input == "z1" else torch.cat([m1, m2, m3], -1)
+    assert torch.allclose(vae.encode(x), code, atol=1e-12)
+    assert torch.allclose(vae.reconstruct(x), torch.sigmoid(vae.decoder(code)), atol=1e-12)
+
+
 def test_guide_options_go_to_the_layers_of_the_configured_guide() -> None:
     config = VAEConfig(
         P, hidden_dims=(8,), guide="iaf", guide_options={"num_flows": 2},
@@ -217,7 +270,7 @@ def test_merge_gaussians_is_the_normalized_product_of_densities(float64: None) -
     assert math.isclose(float(loc[0]), (0.3 / 0.25 + 2.0 / 2.25) * variance, rel_tol=1e-12)
 
 
-@pytest.mark.parametrize("inference", ["bottom-up", "ladder"])
+@pytest.mark.parametrize("inference", ["bottom-up", "top-down", "ladder"])
 def test_vamp_prior_on_the_top_layer_mixes_the_top_posterior(
     float64: None, inference: str
 ) -> None:
@@ -226,6 +279,8 @@ def test_vamp_prior_on_the_top_layer_mixes_the_top_posterior(
     u = vae.latent_prior.pseudo_inputs
     if inference == "ladder":
         loc, scale = vae.encoder.bottom_up(u)[-1]
+    elif inference == "top-down":  # q(z2 | u) reads the pseudo-input alone
+        loc, scale = vae.encoder.layers[1].loc_scale(u)[:2]
     else:
         bottom, top = vae.encoder.layers
         loc, scale = top.loc_scale(torch.cat([u, bottom.loc_scale(u)[0]], -1))[:2]
@@ -268,21 +323,26 @@ class _FixedLadder(LadderPosterior):
         return self.ups
 
 
-@pytest.mark.parametrize("inference", ["bottom-up", "ladder"])
+@pytest.mark.parametrize("inference", ["bottom-up", "top-down", "ladder"])
 def test_is_log_likelihood_matches_2d_quadrature(float64: None, inference: str) -> None:
     """log p(x) = log int int N(z2; 0, 1) N(z1; mu(z2), s(z2)^2) p(x|z1) dz1 dz2 on a grid,
     with the model's own transition and decoder, against IS from ``log_weights``.
 
     The proposals are Gaussians built from the exact posterior's moments on the same grid,
-    1.5 times wider, through each scheme's own structure: bottom-up q(z1|x) q(z2|x, z1); the
+    1.5 times wider, through each scheme's own structure: bottom-up q(z1|x) q(z2|x, z1);
+    top-down q(z2|x) q(z1|x, z2) with a decoder reading both layers, p(x | z1, z2); the
     ladder's q(z2|x) and the library's merge of a Gaussian message with p(z1 | z2).
     """
     pixels = _FixedLayer.data_dim
+    top_down = inference == "top-down"
     config = VAEConfig(
-        pixels, hidden_dims=(8,), guide="diagonal", latent_dims=(1, 1), inference=inference
-    )
+        pixels, hidden_dims=(8,), guide="diagonal", latent_dims=(1, 1), inference=inference,
+        decoder_input="all" if top_down else "z1",
+    )  # fmt: skip
     if inference == "bottom-up":
         encoder = BottomUpPosterior([_FixedLayer(), _FixedLayer()])
+    elif top_down:
+        encoder = TopDownPosterior([_FixedLayer(), _FixedLayer()])
     else:
         encoder = _FixedLadder(pixels, (1, 1), (8,))
     vae = VAE(config, encoder=encoder)
@@ -293,13 +353,17 @@ def test_is_log_likelihood_matches_2d_quadrature(float64: None, inference: str) 
         grid = torch.linspace(-8, 8, 801)
         step = float(grid[1] - grid[0])
         loc, scale = vae.transitions[0].loc_scale(grid[:, None])  # (G2, 1)
-        log_lik = _bernoulli(x, vae.decoder(grid[:, None, None]))  # (G1, B)
+        if top_down:  # (G2, G1, B): the decoder reads [z1, z2]
+            pairs = torch.stack(torch.meshgrid(grid, grid, indexing="ij")[::-1], -1)
+            log_lik = _bernoulli(x, vae.decoder(pairs[:, :, None]))
+        else:
+            log_lik = _bernoulli(x, vae.decoder(grid[:, None, None]))[None]  # (1, G1, B)
         log_prior = (
             -(grid[:, None] ** 2) / 2
             - HALF_LOG_2PI
             + _normal(grid[None, :, None], loc[:, :, None], scale[:, :, None])
         )  # (G2, G1): log N(z2) + log N(z1; mu(z2), s(z2)^2)
-        log_joint = log_prior[..., None] + log_lik[None]  # (G2, G1, B)
+        log_joint = log_prior[..., None] + log_lik  # (G2, G1, B)
         flat = log_joint.reshape(-1, 3)
         exact = torch.logsumexp(flat, 0) + 2 * math.log(step)
         post = torch.softmax(flat, 0).reshape(log_joint.shape)
@@ -315,6 +379,11 @@ def test_is_log_likelihood_matches_2d_quadrature(float64: None, inference: str) 
             bottom.loc, bottom.scale = col(m1), col(1.5 * v1.sqrt())
             top.loc, top.scale = col(m2), col(1.5 * (v2 - c12**2 / v1).sqrt())
             top.slope, top.center = col(c12 / v1), col(m1)
+        elif top_down:
+            bottom, top = encoder.layers
+            top.loc, top.scale = col(m2), col(1.5 * v2.sqrt())
+            bottom.loc, bottom.scale = col(m1), col(1.5 * (v1 - c12**2 / v2).sqrt())
+            bottom.slope, bottom.center = col(c12 / v2), col(m2)
         else:  # the message: posterior marginal of z1 over its prior marginal
             prior = torch.softmax(log_prior.reshape(-1), 0).reshape(log_prior.shape)
             mp = (prior * grid[None, :]).sum()
@@ -507,6 +576,7 @@ def test_free_bits_scale_with_the_warm_up_weight(float64: None) -> None:
     [
         {"inference": "ladder"},
         {"layer_guides": ("iaf", "diagonal"), "prior": "vamp", "guide": "diagonal"},
+        {"inference": "top-down", "decoder_input": "all", "prior": "vamp"},
     ],
 )
 def test_checkpoint_round_trip_keeps_log_weights(tmp_path: Path, options: dict) -> None:
@@ -555,9 +625,9 @@ def test_resume_is_bit_identical_for_two_layers(tmp_path: Path) -> None:
     assert any(key.startswith("transitions.") for key in full.state_dict())
 
 
-@pytest.mark.parametrize("inference", ["bottom-up", "ladder"])
+@pytest.mark.parametrize("inference", ["bottom-up", "top-down", "ladder"])
 def test_jit_loss_equals_the_eager_loss(float64: None, inference: str) -> None:
-    vae, x = _hvae(inference, (3, 2)), _binary(7, P)
+    vae, x = _hvae(inference, (3, 2), decoder_input="all"), _binary(7, P)
     assert_jit_equals_eager(vae, x)
 
 
@@ -642,7 +712,8 @@ def test_cli_trains_a_ladder_with_free_bits_and_reports_kl_per_layer(
         ({"layer_guides": ("diagonal", "iaf", "iaf")}, ("layer_guides", "(2)")),
         ({"guide": "vmf"}, ("guide 'vmf'", "latent_dims [3, 3]")),
         ({"layer_guides": ("diagonal", "vmf")}, ("guide 'vmf'", "latent_dims [3, 3]")),
-        ({"inference": "top-down"}, ("inference 'top-down'", "bottom-up, ladder")),
+        ({"inference": "sideways"}, ("inference 'sideways'", "bottom-up, ladder, top-down")),
+        ({"decoder_input": "z2"}, ("decoder_input 'z2'", "all, z1")),
     ],
 )
 def test_config_errors_are_one_line_naming_both_parts(options: dict, names: tuple) -> None:

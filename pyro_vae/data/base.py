@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..validation import check_key, registrar
+from ..validation import check_instance, check_key, check_seed, registrar
 
 __all__ = [
     "BINARIZE_MODES",
@@ -132,8 +132,11 @@ class DataSpec:
     def __post_init__(self) -> None:
         try:
             check_key(DATASETS, "dataset", self.name)
+            check_seed("seed", self.seed)
         except ValueError as error:
             raise DataError(str(error)) from None
+        if self.path is not None and not isinstance(self.path, (str, Path)):
+            raise TypeError(f"path must be a str or Path, got {type(self.path).__name__}")
         reader = DATASETS[self.name]
         if self.binarize is not None and self.binarize not in BINARIZE_MODES:
             raise DataError(
@@ -241,6 +244,7 @@ def _check_split(name: str) -> None:
 
 def load_dataset(spec: DataSpec) -> Dataset:
     """Read, check, split and present (binarize, scale) the dataset that ``spec`` names."""
+    check_instance("spec", spec, DataSpec, "e.g. load_dataset(DataSpec('digits'))")
     reader = DATASETS[spec.name]
     if not reader.needs_path:
         return _finish(spec, reader, reader.read(None, spec.seed), spec.name)
