@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -43,6 +44,7 @@ from .runs import (
     read_config_file,
     read_run,
     record_evaluation,
+    restarted_run,
     run_folder,
     run_record,
     save_run_pictures,
@@ -687,13 +689,21 @@ def data_spec(
     return DataSpec(name, path, binarize, seed, pixels=pixels)
 
 
-def _resume_settings(args: argparse.Namespace) -> tuple[DataSpec, VAEConfig, TrainConfig]:
-    """Data, model and training settings of the run in ``--resume RUN_DIR``."""
+def _resume_settings(
+    args: argparse.Namespace, check_flags: bool = True
+) -> tuple[DataSpec, VAEConfig, TrainConfig]:
+    """Data, model and training settings of the run in ``--resume RUN_DIR``.
+
+    ``check_flags=False`` (a restarted torchrun worker, whose command line started the run):
+    the run's settings apply and the other flags are not compared.
+    """
     run_dir = args.resume
     if args.overwrite:
         raise UsageError("--resume continues a run and --overwrite replaces it; pass one")
     argv = getattr(args, "argv", None)  # set by main(); absent when called with a Namespace
-    if argv is not None:
+    if not check_flags:
+        given: set[str] = set()
+    elif argv is not None:
         given = _given_train_options(argv) - {"command"}
     else:
         defaults = vars(build_parser().parse_args(["train"]))
@@ -769,14 +779,37 @@ def _layers(config: VAEConfig) -> str:
 # ---------------------------------------------------------------- commands
 
 
+def _continue_after_restart(args: argparse.Namespace) -> bool:
+    """A worker restarted by ``torchrun --max-restarts`` continues its job's run: resumes it
+    when an epoch was completed, else replaces its unstarted attempt. Whether it resumes."""
+    if args.resume is not None or args.data is None:
+        return False
+    spec = data_spec(args.data, args.binarize, likelihood=args.likelihood)
+    run_dir = args.out or Path("runs") / f"{spec.name}-{args.guide}"
+    action = restarted_run(run_dir)
+    if action == "replace":
+        args.overwrite = True
+    elif action == "resume":
+        args.resume, args.overwrite = run_dir, False
+        if int(os.environ.get("RANK", "0")) == 0:
+            epoch = read_payload(run_dir / LAST).get("epoch")
+            print(
+                f"pyro-vae: restarted: continuing {run_dir} from {LAST} (epoch {epoch})",
+                file=sys.stderr,
+            )
+    return action == "resume"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    restarted = _continue_after_restart(args)
     resuming = args.resume is not None
     if resuming:
-        if (args.resume / PREVIOUS).is_dir():  # an overwrite was killed: settle it first
+        main_process = int(os.environ.get("RANK", "0")) == 0
+        if main_process and (args.resume / PREVIOUS).is_dir():  # a killed overwrite: settle it
             with run_folder(args.resume):
                 pass
-        spec, config, train_config = _resume_settings(args)
+        spec, config, train_config = _resume_settings(args, check_flags=not restarted)
     else:
         if args.data is None:
             raise UsageError(
@@ -818,8 +851,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.tensorboard:
         _require_tensorboard()
     replica, device = init_replica(device)  # under torchrun: join the process group
-    if replica.world_size > 1 and (args.jit or resuming):
-        raise UsageError("--jit and --resume are not supported with several processes")
+    if replica.world_size > 1 and args.jit:
+        raise UsageError("--jit is not supported with several processes")
     pyro.set_rng_seed(train_config.seed)  # the same initial weights on every rank
     vae = VAE(config).to(device)  # guide options are checked here, before the folder exists
     pyro.set_rng_seed(train_config.seed + replica.rank)  # then each rank draws its own noise

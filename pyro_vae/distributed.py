@@ -8,6 +8,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
+from typing import Any
 
 import pyro
 import torch
@@ -146,6 +147,10 @@ class Replica:
         """The ``subsample`` argument of the loss for a batch at ``index`` (None: implicit)."""
         return None
 
+    def gather(self, value: Any) -> list[Any] | None:  # noqa: ANN401
+        """Every process's ``value``, by rank, on rank 0 (None elsewhere); a collective."""
+        return [value]
+
 
 class DistributedReplica(Replica):
     """One of ``world_size`` processes in an initialized default process group.
@@ -209,6 +214,11 @@ class DistributedReplica(Replica):
     def subsample(self, index: Tensor) -> Tensor | None:
         return index
 
+    def gather(self, value: Any) -> list[Any] | None:  # noqa: ANN401
+        out = [None] * self.world_size if self.is_main else None
+        torch_dist.gather_object(value, out, dst=0)
+        return out
+
 
 def is_launched() -> bool:
     """Whether this process was started by ``torchrun`` (or another launcher) with peers."""
@@ -227,7 +237,16 @@ def init_replica(device: torch.device) -> tuple[Replica, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # torchrun keeps its store across restarts (--max-restarts): the keys of an earlier
+    # attempt (e.g. a dead rank's gloo address) must not be read, so each attempt gets its own
+    store, rank, world_size = next(torch_dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    torch_dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        store=torch_dist.PrefixStore(f"pyro_vae/attempt_{attempt}", store),
+        rank=rank,
+        world_size=world_size,
+    )
     pyro.settings.set(module_local_params=True)
     return DistributedReplica(device), device
 

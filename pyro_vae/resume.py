@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyro
 import torch
 
 from .checkpoint import CheckpointError, read_payload, save_checkpoint
@@ -93,12 +94,15 @@ def save_training_state(
     generator: torch.Generator,
     train_config: TrainConfig,
     progress: Progress,
+    rank_states: list[dict[str, Any]] | None = None,
 ) -> None:
     """Atomically write everything needed to continue training after ``progress.epoch``.
 
     The file is also a regular checkpoint (:func:`~pyro_vae.checkpoint.load_checkpoint` reads
-    it) and holds tensors and plain values only.
+    it) and holds tensors and plain values only. ``rank_states`` (several processes): each
+    rank's :func:`get_rng_state`, by rank, stored as ``rng_by_rank``.
     """
+    extra = {} if rank_states is None else {"rng_by_rank": list(rank_states)}
     save_checkpoint(
         path,
         vae,
@@ -110,6 +114,7 @@ def save_training_state(
         best_valid_elbo=progress.best_valid_elbo,
         best_epoch=progress.best_epoch,
         history=[dict(row) for row in progress.history],
+        **extra,
     )
 
 
@@ -119,8 +124,15 @@ def load_training_state(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     train_config: TrainConfig,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Progress:
     """Restore ``vae``, ``optimizer``, ``generator`` and the global RNGs from ``path``.
+
+    Process ``rank`` of ``world_size`` takes its own random streams when the run was saved
+    by as many processes. With another number of processes the shards differ anyway: the
+    minibatch-order generator continues, and the global streams are reseeded from the seed,
+    the epoch and the rank (reproducible, but not the streams of an uninterrupted run).
 
     Raises:
         CheckpointError: the file is missing, unsafe, of another format or incomplete.
@@ -148,7 +160,14 @@ def load_training_state(
     try:
         vae.load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(payload["optimizer"])
-        set_rng_state(payload["rng"], generator)
+        by_rank = payload.get("rng_by_rank")
+        saved_world = len(by_rank) if by_rank else 1
+        if saved_world == world_size:
+            set_rng_state(by_rank[rank] if by_rank else payload["rng"], generator)
+        else:
+            generator.set_state(payload["rng"]["order"].cpu())
+            epoch = int(payload["epoch"])
+            pyro.set_rng_seed((train_config.seed * 1_000_003 + epoch * 1_009 + rank) % 2**32)
         return Progress(
             int(payload["epoch"]),
             float(payload["best_valid_elbo"]),

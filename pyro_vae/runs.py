@@ -4,6 +4,7 @@ the train options that rebuild its run), its pictures and evaluation results."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ __all__ = [
     "discard_unstarted",
     "load_run",
     "prepare_run_dir",
+    "restarted_run",
     "run_folder",
     "run_outputs",
     "set_aside_old_run",
@@ -78,7 +80,34 @@ def run_record(
             "python": platform.python_version(),
         },
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **launch_record(),
     }
+
+
+def launch_record() -> dict[str, Any]:
+    """``{"launch": {"run_id", "world_size"}}`` under torchrun (the job's rendezvous id,
+    the same for every restart of it), else ``{}``."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id:
+        return {}
+    return {"launch": {"run_id": run_id, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}}
+
+
+def restarted_run(run_dir: Path) -> str | None:
+    """What a worker restarted by torchrun (``--max-restarts``) does with ``run_dir``:
+    ``"resume"`` when its own job's earlier attempt completed an epoch there, ``"replace"``
+    when that attempt completed none, None when the folder is not this job's (or this is
+    the first attempt)."""
+    if not int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0):
+        return None
+    try:
+        record = json.loads((run_dir / CONFIG).read_text())
+        launched = record["launch"]["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if launched != os.environ.get("TORCHELASTIC_RUN_ID"):
+        return None
+    return "resume" if (run_dir / "last.pt").is_file() else "replace"
 
 
 @dataclass(frozen=True)
@@ -184,7 +213,7 @@ def train_options(record: dict[str, Any], where: str = CONFIG) -> dict[str, Any]
 
 
 def _is_metadata(key: str) -> bool:
-    return key in ("version", "versions", "command", "started")
+    return key in ("version", "versions", "command", "started", "launch")
 
 
 def _model_options(model: dict[str, Any], where: str) -> dict[str, Any]:

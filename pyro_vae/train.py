@@ -26,7 +26,7 @@ from .distributed import ELBOLoss, Replica
 from .evaluate import elbo as elbo_per_point
 from .model import VAE
 from .objectives import OBJECTIVES, FreeBits_ELBO, check_gradient_estimator, make_objective
-from .resume import LAST, Progress, load_training_state, save_training_state
+from .resume import LAST, Progress, get_rng_state, load_training_state, save_training_state
 from .schedules import LR_SCHEDULES, kl_weight, learning_rate, patience_exhausted
 from .validation import check_instance, check_memory, check_positive_int, check_seed
 
@@ -281,6 +281,7 @@ def fit(
     _check_fit_args(vae, data, config, run_dir, resume, replica)
     for callback in callbacks:
         check_instance("each of callbacks", callback, Callback)
+    source = None if run_dir is None else Path(run_dir)  # what every rank resumes from
     run_dir = None if run_dir is None or not replica.is_main else Path(run_dir)
     if run_dir is not None and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +291,9 @@ def fit(
     loss_fn = replica.wrap(elbo_loss)
     optimizer = make_optimizer(loss_fn.parameters(), config.lr, device)
     generator = torch.Generator().manual_seed(config.seed)
-    state = _restore(run_dir, vae, optimizer, generator, config) if resume else Progress()
+    state = Progress()
+    if resume:
+        state = _restore(source, vae, optimizer, generator, config, replica)
     steps = replica.num_batches(data.train.shape[0], config.batch_size)
     callbacks = tuple(callbacks) if replica.is_main else ()
     for callback in callbacks:
@@ -321,7 +324,7 @@ def fit(
                     callbacks,
                 )  # fmt: skip
                 row.update(recipes)
-                state = _end_epoch(run_dir, vae, optimizer, generator, config, state, row)
+                state = _end_epoch(run_dir, vae, optimizer, generator, config, state, row, replica)
                 for callback in callbacks:
                     callback.on_epoch_end(epoch, row, vae)
             except KeyboardInterrupt:
@@ -397,8 +400,8 @@ def _check_fit_args(
         )
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir that holds last.pt")
-    if replica.world_size > 1 and (config.jit or resume):
-        raise ValueError("jit=True and resume=True are not supported with several processes")
+    if replica.world_size > 1 and config.jit:
+        raise ValueError("jit=True is not supported with several processes")
 
 
 def _check_labels(vae: VAE, data: Dataset, config: TrainConfig) -> None:
@@ -436,12 +439,17 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     config: TrainConfig,
+    replica: Replica,
 ) -> Progress:
-    """Load ``last.pt`` into the model, optimizer and random streams; returns the progress."""
-    state = load_training_state(run_dir / LAST, vae, optimizer, generator, config)
+    """Load ``last.pt`` into the model, optimizer and this rank's random streams; returns the
+    progress. Every rank reads the file; rank 0 also rewrites ``metrics.csv``."""
+    state = load_training_state(
+        run_dir / LAST, vae, optimizer, generator, config, replica.rank, replica.world_size
+    )
     for group in optimizer.param_groups:  # a resumed run may lower the learning rate
         group["lr"] = config.lr
-    write_metrics(run_dir / METRICS, state.history)  # drops the row of an epoch lost in a crash
+    if replica.is_main:  # drops the row of an epoch lost in a crash
+        write_metrics(run_dir / METRICS, state.history)
     return state
 
 
@@ -492,6 +500,7 @@ def _end_epoch(
     config: TrainConfig,
     state: Progress,
     row: dict[str, Any],
+    replica: Replica | None = None,
 ) -> Progress:
     """Record a completed epoch: metrics, then the best checkpoint, then ``last.pt``.
 
@@ -502,6 +511,10 @@ def _end_epoch(
     if row["valid_elbo"] > best:
         best, best_epoch = row["valid_elbo"], row["epoch"]
     new = Progress(row["epoch"], best, best_epoch, [*state.history, row])
+    replica = replica or Replica()
+    rank_states = None  # several processes: every rank's random streams go into last.pt
+    if replica.world_size > 1:
+        rank_states = replica.gather(get_rng_state(generator))
     if run_dir is None:
         return new
     try:
@@ -514,7 +527,7 @@ def _end_epoch(
                 valid_elbo=best,
                 train_config=asdict(config),
             )
-        save_training_state(run_dir / LAST, vae, optimizer, generator, config, new)
+        save_training_state(run_dir / LAST, vae, optimizer, generator, config, new, rank_states)
     except OSError as error:
         try:  # the metrics of the epochs last.pt holds, if anything can still be written
             write_metrics(run_dir / METRICS, state.history)
