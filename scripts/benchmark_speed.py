@@ -1,7 +1,9 @@
 """Time pyro_vae's training epoch against plain PyTorch twins of the same network and objective.
 
 All variants run in one process and alternate within every repeat, so machine load hits them
-alike; the table gives median seconds per epoch and the ratio to the plain twin.
+alike; the table gives median seconds per epoch and the ratio to the plain twin and to the
+textbook VAE (variant ``textbook``, diagonal guide only: the same widths written as the
+usual PyTorch example, analytic KL, BCE with logits and a default ``torch.optim.Adam``).
 
     python scripts/benchmark_speed.py --data binarized-mnist PATH.npz --latent-dim 50 \
         --hidden-dims 400 --repeats 5
@@ -29,7 +31,7 @@ from pyro_vae.guides import MIN_SCALE, make_guide
 from pyro_vae.networks import MLP
 from pyro_vae.train import TrainConfig, make_optimizer, train_epoch
 
-VARIANTS = ("plain", "pyro", "jit", "local", "svi")
+VARIANTS = ("plain", "textbook", "pyro", "jit", "local", "svi")
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -93,6 +95,58 @@ class PlainVAE(nn.Module):
         log_lik = -F.binary_cross_entropy_with_logits(self.decoder(z), x, reduction="none")
         log_prior = -0.5 * (z.square() + LOG_2PI).sum(-1)
         return -(num_data / x.shape[0]) * (log_lik.sum(-1) + log_prior - log_q).sum()
+
+
+class TextbookVAE(nn.Module):
+    """The VAE as PyTorch examples write it, independent of pyro_vae's code: softplus MLPs of
+    the same widths, a diagonal Gaussian q, the analytic KL to N(0, I), Bernoulli logits.
+
+    ``loss`` is -(N / B) sum_b [ -BCE(x_b, logits(z_b)) - KL(q(z|x_b) || N(0, I)) ].
+    """
+
+    def __init__(self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = data_dim
+        for size in hidden_dims:
+            layers += [nn.Linear(width, size), nn.Softplus()]
+            width = size
+        self.encoder = nn.Sequential(*layers)
+        self.mu = nn.Linear(width, latent_dim)
+        self.raw_sigma = nn.Linear(width, latent_dim)
+        layers, width = [], latent_dim
+        for size in reversed(hidden_dims):
+            layers += [nn.Linear(width, size), nn.Softplus()]
+            width = size
+        self.decoder = nn.Sequential(*layers, nn.Linear(width, data_dim))
+
+    def loss(self, x: Tensor, num_data: int) -> Tensor:
+        h = self.encoder(x)
+        mu, sigma = self.mu(h), F.softplus(self.raw_sigma(h)) + MIN_SCALE
+        z = mu + sigma * torch.randn_like(mu)
+        bce = F.binary_cross_entropy_with_logits(self.decoder(z), x, reduction="sum")
+        kl = 0.5 * (mu.square() + sigma.square() - 1.0 - 2.0 * sigma.log()).sum()
+        return (num_data / x.shape[0]) * (bce + kl)
+
+
+def textbook_epoch(model: TextbookVAE, data: Dataset, config: TrainConfig) -> Callable[[], None]:
+    """The textbook loop: shuffled minibatches, ``torch.optim.Adam`` with its defaults."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def run() -> None:
+        num_data = data.train.shape[0]
+        total = torch.zeros((), device=data.train.device)
+        order = torch.randperm(num_data, generator=generator).to(data.train.device)
+        for index in order.split(config.batch_size):
+            loss = model.loss(data.train[index], num_data)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+        float(total)
+
+    return run
 
 
 class PlainFlowVAE(nn.Module):
@@ -239,6 +293,11 @@ def build(
     variant: str, guide: str, data: Dataset, args: argparse.Namespace, device: torch.device
 ) -> Callable[[], None] | None:
     config = TrainConfig(batch_size=args.batch_size, jit=variant == "jit")
+    if variant == "textbook":
+        if guide != "diagonal":
+            return None
+        model = TextbookVAE(data.data_dim, args.latent_dim, args.hidden_dims).to(device)
+        return textbook_epoch(model, data, config)
     if variant == "plain":
         if guide not in PLAIN_TWINS:
             return None
@@ -293,6 +352,8 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> tuple[list[dict
         median = statistics.median(values)
         plain = times.get((guide, "plain"))
         ratio = median / statistics.median(plain) if plain else None
+        textbook = times.get(("diagonal", "textbook"))
+        to_textbook = median / statistics.median(textbook) if textbook else None
         rows.append(
             {
                 "device": device.type,
@@ -301,6 +362,7 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> tuple[list[dict
                 "median_s": median,
                 "ms_per_step": 1000 * median / steps,
                 "ratio": ratio,
+                "to_textbook": to_textbook,
                 "spread": (min(values), max(values)),
             }
         )
@@ -309,15 +371,17 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> tuple[list[dict
 
 def markdown(rows: list[dict], steps: int) -> str:
     lines = [
-        f"| device | guide | variant | median s per {steps} steps | ms / step | × plain PyTorch "
-        "| min-max s |",
-        "|---|---|---|---|---|---|---|",
+        f"| device | guide | variant | median s per {steps} steps | ms / step | × plain twin "
+        "| × textbook VAE | min-max s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        textbook = "n/a" if r.get("to_textbook") is None else f"{r['to_textbook']:.2f}"
         lines.append(
             f"| {r['device']} | {r['guide']} | {r['variant']} | {r['median_s']:.3f} "
-            f"| {r['ms_per_step']:.2f} | {ratio} | {r['spread'][0]:.3f}-{r['spread'][1]:.3f} |"
+            f"| {r['ms_per_step']:.2f} | {ratio} | {textbook} "
+            f"| {r['spread'][0]:.3f}-{r['spread'][1]:.3f} |"
         )
     return "\n".join(lines)
 
@@ -336,7 +400,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden-dims", type=_widths, default=(400,), help="e.g. 400 or 400,200")
     parser.add_argument("--guides", nargs="+", default=sorted(GUIDES), choices=sorted(GUIDES))
     parser.add_argument(
-        "--variants", nargs="+", default=["plain", "pyro", "jit"], choices=VARIANTS
+        "--variants", nargs="+", default=["plain", "textbook", "pyro", "jit"], choices=VARIANTS
     )
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu and cuda if any")
     parser.add_argument("--threads", type=int, default=2)

@@ -6,7 +6,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from script_loader import load_script
 
 from pyro_vae import VAE, VAEConfig
@@ -71,13 +71,41 @@ def test_plain_flow_twin_computes_the_same_loss(
     assert not torch.allclose(twin.loss(x, 40), expected, rtol=1e-6, atol=0)
 
 
+def test_textbook_vae_computes_the_elbo_with_analytic_kl(float64: None, bench: ModuleType) -> None:
+    """Same weights, same noise: the textbook loss is pyro_vae's mean-field (analytic KL)
+    objective, an independent implementation of the same number."""
+    vae = VAE(VAEConfig(7, 3, (6, 5), "diagonal"))
+    book = bench.TextbookVAE(7, 3, (6, 5))
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.normal_(0, 0.5)
+    state = {}
+    for name, value in vae.state_dict().items():
+        name = name.replace("encoder.trunk.", "encoder.").replace("decoder.net.", "decoder.")
+        name = name.replace("encoder.loc.", "mu.").replace("encoder.raw_scale.", "raw_sigma.")
+        state[name] = value
+    state = {k: v for k, v in state.items() if not k.startswith("prior_")}
+    book.load_state_dict(state)  # strict: every tensor has its counterpart
+    x = torch.bernoulli(torch.full((5, 7), 0.5))
+    torch.manual_seed(3)
+    expected = ELBOLoss(vae, TraceMeanField_ELBO(max_plate_nesting=1))(x, 40)
+    torch.manual_seed(3)
+    assert torch.allclose(book.loss(x, 40), expected, rtol=1e-10, atol=0)
+    torch.manual_seed(3)  # the single-sample KL estimate of Trace_ELBO differs
+    assert not torch.allclose(
+        book.loss(x, 40), ELBOLoss(vae, Trace_ELBO(max_plate_nesting=1))(x, 40), rtol=1e-6
+    )
+
+
 def test_benchmark_speed_smoke(bench: ModuleType, capsys: pytest.CaptureFixture) -> None:
     argv = ["--steps", "2", "--repeats", "1", "--latent-dim", "2", "--hidden-dims", "8"]
-    argv += ["--guides", "diagonal", "full", "iaf", "--variants", "plain", "pyro", "svi"]
+    argv += ["--guides", "diagonal", "full", "iaf", "--variants", "plain", "textbook", "pyro"]
+    argv += ["svi"]
     assert bench.main([*argv, "--devices", "cpu", "--threads", "1"]) == 0
     table = capsys.readouterr().out
     assert "| cpu | full | pyro |" in table and "| cpu | diagonal | plain |" in table
-    assert "| cpu | iaf | plain |" in table
+    assert "| cpu | iaf | plain |" in table and "| cpu | diagonal | textbook |" in table
+    assert "| cpu | full | textbook |" not in table  # the textbook VAE is diagonal
 
 
 def test_benchmark_is_smoke(capsys: pytest.CaptureFixture) -> None:
