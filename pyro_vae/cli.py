@@ -847,7 +847,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             decoder_input=args.decoder_input,
             condition_dim=_num_classes(data, spec) if args.conditional else 0,
         )
-    config.check_data(data.valid, data.pixels, "the validation images")
+    config.check_data(data.split("valid"), data.pixels, "the validation images")
     if args.tensorboard:
         _require_tensorboard()
     replica, device = init_replica(device)  # under torchrun: join the process group
@@ -894,7 +894,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             callbacks: list[Callback] = [CommitOnFirstEpoch(commit)]
             if args.tensorboard:
-                callbacks.append(TensorBoardCallback(run_dir / "tensorboard", data.valid))
+                callbacks.append(TensorBoardCallback(run_dir / "tensorboard", data.split("valid")))
             status, history = _train_in_folder(
                 args, vae, data, train_config, folder, replica, callbacks
             )
@@ -917,7 +917,7 @@ def _report_run(
     vae, payload = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
     condition = one_hot_labels(vae, data, "valid")
     condition = None if condition is None else condition.to(device)
-    pictures = save_run_pictures(vae, data.valid.to(device), run_dir, condition)
+    pictures = save_run_pictures(vae, data.split("valid").to(device), run_dir, condition)
     pictures.append(save_curves({run_dir.name: read_metrics(run_dir)}, run_dir / "curves.png"))
     early = len(history) < train_config.num_epochs  # only early stopping ends a run sooner
     note = f" (stopped early: patience {train_config.patience})" if early else ""

@@ -392,7 +392,7 @@ def _check_fit_args(
         f"a step of num_particles {config.num_particles} x batch_size {config.batch_size}",
         16 * config.num_particles * config.batch_size * per_draw,
     )
-    vae.config.check_data(data.valid, data.pixels, "the validation images")
+    vae.config.check_data(data.split("valid"), data.pixels, "the validation images")
     if config.batch_size > data.train.shape[0]:
         raise ValueError(
             f"batch_size {config.batch_size} is larger than the training set "
@@ -430,7 +430,7 @@ def one_hot_labels(vae: VAE, data: Dataset, name: str) -> Tensor | None:
     labels = data.labels(name)
     if labels is None:
         raise ValueError(f"a conditional VAE needs labels, and the {name!r} split has none")
-    return torch.nn.functional.one_hot(labels, width).to(data.valid.dtype)
+    return torch.nn.functional.one_hot(labels, width).to(data.float_dtype)
 
 
 def _restore(
@@ -474,7 +474,8 @@ def _run_epoch(
     )
     try:
         condition = one_hot_labels(vae, data, "valid")
-        valid_elbo = _valid_elbo(vae, data.valid, config.batch_size, replica, condition)
+        valid = data.split("valid")
+        valid_elbo = _valid_elbo(vae, valid, config.batch_size, replica, condition)
     except ValueError as error:
         raise _invalid_parameters(error, f"epoch {epoch}, validation") from None
     if not math.isfinite(valid_elbo):

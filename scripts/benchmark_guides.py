@@ -73,7 +73,7 @@ def run_guide(key: str, data: Any, args: argparse.Namespace) -> dict[str, Any]:
     vae = VAE(config)
     train = TrainConfig(args.epochs, args.batch_size, args.lr, seed=args.seed)
     history = fit(vae, data, train, progress=False)
-    x = data.valid if args.num_points is None else data.valid[: args.num_points]
+    x = data.split("valid")[: args.num_points]
     pyro.set_rng_seed(args.seed)
     result = evaluate(vae, x, num_samples=args.num_samples, batch_size=args.batch_size)
     return {

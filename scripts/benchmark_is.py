@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
-    x = load_dataset(data_spec(args.data, None)).valid[: args.num_images].clone()
+    x = load_dataset(data_spec(args.data, None)).split("valid")[: args.num_images].clone()
     gc.collect()  # drop the other splits
     if args.run is not None:
         vae, _ = load_checkpoint(args.run / "checkpoint.pt")

@@ -55,7 +55,7 @@ def run_one(
     start = time.perf_counter()
     result = evaluate(
         vae.eval(),
-        data.valid[: args.num_eval],
+        data.split("valid")[: args.num_eval],
         num_samples=args.num_samples,
         max_elements=2**22,
     )

@@ -91,7 +91,7 @@ def score(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """IS NLL, ELBO and gap of the run's best checkpoint on the first validation images."""
     vae, payload = load_checkpoint(run_dir / "checkpoint.pt")
     spec = DataSpec(**json.loads((run_dir / "config.json").read_text())["data"])
-    x = load_dataset(spec).valid[: args.num_points]
+    x = load_dataset(spec).split("valid")[: args.num_points]
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()
     result = evaluate(vae, x, num_samples=args.num_samples, batch_size=args.eval_batch_size)

@@ -139,7 +139,7 @@ def textbook_epoch(model: TextbookVAE, data: Dataset, config: TrainConfig) -> Ca
         total = torch.zeros((), device=data.train.device)
         order = torch.randperm(num_data, generator=generator).to(data.train.device)
         for index in order.split(config.batch_size):
-            loss = model.loss(data.train[index], num_data)
+            loss = model.loss(data.train_batch(index), num_data)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -244,7 +244,7 @@ def plain_epoch(model: nn.Module, data: Dataset, config: TrainConfig) -> Callabl
         total = torch.zeros((), device=data.train.device)
         order = torch.randperm(num_data, generator=generator).to(data.train.device)
         for index in order.split(config.batch_size):
-            x = data.train[index]
+            x = data.train_batch(index)
             loss = model.loss(x, num_data)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -281,7 +281,7 @@ def svi_epoch(vae: VAE, data: Dataset, config: TrainConfig) -> Callable[[], None
         num_data = data.train.shape[0]
         order = torch.randperm(num_data, generator=generator).to(data.train.device)
         for index in order.split(config.batch_size):
-            svi.step(data.train[index], num_data=num_data)
+            svi.step(data.train_batch(index), num_data=num_data)
 
     return run
 

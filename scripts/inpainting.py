@@ -112,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         vae = VAE(VAEConfig(data.data_dim, 8, (200,), "diagonal", image_shape=data.image_shape))
         fit(vae, data, TrainConfig(num_epochs=args.epochs, seed=args.seed), progress=False)
     vae.eval()
-    print(json.dumps(run(vae, data.test[: args.num_images], data.train, args.out, args.num_steps)))
+    test, train = data.split("test")[: args.num_images], data.split("train")
+    print(json.dumps(run(vae, test, train, args.out, args.num_steps)))
     return 0
 
 

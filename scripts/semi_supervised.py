@@ -103,9 +103,9 @@ class M2(PyroModule):
 def load_digits_with_labels(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Built-in digits: train x ``(1497, 64)`` (train + valid splits), y, test x (300), y."""
     data = load_dataset(DataSpec("digits", seed=seed))
-    x_train = torch.cat([data.train, data.valid])
+    x_train = torch.cat([data.split("train"), data.split("valid")])
     y_train = torch.cat([data.train_labels, data.valid_labels])
-    return x_train, y_train, data.test, data.test_labels
+    return x_train, y_train, data.split("test"), data.test_labels
 
 
 def train_baseline(x: Tensor, y: Tensor, hidden_dims: Sequence[int], epochs: int) -> MLP:

@@ -54,7 +54,7 @@ def test_benchmark_quality_reports_the_best_checkpoint(
     # the numbers are those of checkpoint.pt on the first 5 validation images, seed 0
     vae, _ = load_checkpoint(run / "checkpoint.pt")
     pyro.set_rng_seed(0)
-    x = load_dataset(DataSpec("binarized-mnist", str(data))).valid[:5]
+    x = load_dataset(DataSpec("binarized-mnist", str(data))).split("valid")[:5]
     assert evaluate(vae, x, num_samples=16).log_likelihood == pytest.approx(-row["valid NLL"])
     # the reported command reproduces the training run
     command = shlex.split(row["command"])[1:]

@@ -52,7 +52,7 @@ def test_tensorboard_event_files_hold_the_metrics_and_samples(tmp_path: Path) ->
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data = tiny_data(dynamic=False)
-    logger = TensorBoardCallback(tmp_path / "tb", data.valid, num_images=4)
+    logger = TensorBoardCallback(tmp_path / "tb", data.split("valid"), num_images=4)
     config = TrainConfig(num_epochs=2, batch_size=16, kl_warmup=1)
     history = fit(tiny_vae(), data, config, tmp_path / "run", progress=False, callbacks=[logger])
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})

@@ -96,7 +96,7 @@ def test_binarized_mnist_npz_and_amat(tmp_path: Path) -> None:
     for name, array in splits.items():
         np.savetxt(tmp_path / f"binarized_mnist_{name}.amat", array, fmt="%d")
     amat = load_dataset(DataSpec("binarized-mnist", str(tmp_path)))
-    assert torch.equal(amat.test, torch.from_numpy(splits["test"]).float())
+    assert torch.equal(amat.split("test"), torch.from_numpy(splits["test"]).float())
 
 
 def test_plain_array_is_split_80_10_10_and_binarized_on_request(tmp_path: Path) -> None:
@@ -331,3 +331,23 @@ def test_a_registered_reader_is_loaded_by_name() -> None:
             DataSpec("ramp", "x.npy")
     finally:
         del DATASETS["ramp"]
+
+
+def test_binary_integer_files_stay_bytes_and_read_as_floats(tmp_path: Path) -> None:
+    """Binary images are held as uint8 (a quarter of float32) whether stored as integers
+    (taken without a float copy) or floats, and read per split as floats."""
+    rng = np.random.default_rng(0)
+    images = (rng.random((40, 16)) < 0.3).astype(np.uint8)
+    np.save(tmp_path / "bytes.npy", images)
+    np.save(tmp_path / "floats.npy", images.astype(np.float32))
+    compact = load_dataset(DataSpec("array", str(tmp_path / "bytes.npy")))
+    wide = load_dataset(DataSpec("array", str(tmp_path / "floats.npy")))
+    for name in ("train", "valid", "test"):
+        assert getattr(compact, name).dtype == torch.uint8
+        assert torch.equal(compact.split(name), wide.split(name))  # the same split, as floats
+        assert compact.split(name).dtype == torch.float32
+    assert wide.train.dtype == torch.uint8
+    assert compact.nbytes() == wide.nbytes() == 40 * 16  # one byte a pixel
+    np.save(tmp_path / "two.npy", images * 2)
+    with pytest.raises(DataError, match=r"values must be in \{0, 1\} \(found range \[0, 2\]\)"):
+        load_dataset(DataSpec("array", str(tmp_path / "two.npy")))

@@ -48,8 +48,16 @@ def test_dataset_contract(tmp_path: Path, key: str, pixels: str) -> None:
         assert data.levels == reader.levels
     for name in _present(data):
         x, labels = getattr(data, name), data.labels(name)
-        assert x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] >= 1
-        assert x.shape[1] == data.data_dim
+        compact = pixels in ("binary", "count") and not (data.dynamic and name == "train")
+        assert x.dtype == (torch.uint8 if compact else torch.float32), (name, x.dtype)
+        assert x.dim() == 2 and x.shape[0] >= 1 and x.shape[1] == data.data_dim
+        read = data.split(name)
+        assert read.dtype == torch.float32 and read.shape == x.shape
+        if not (data.dynamic and name == "train"):  # the same values, as floats
+            assert torch.equal(read, x.float())
+            index = torch.arange(min(3, x.shape[0]))
+            if name == "train":
+                assert torch.equal(data.train_batch(index), read[index])
         _check_support(data.split(name), pixels, data.levels)
         if data.dynamic:  # the stored training intensities are drawn per batch
             assert pixels == "binary" and bool(((data.train >= 0) & (data.train <= 1)).all())

@@ -98,7 +98,7 @@ def test_step_clips_the_gradient_norm() -> None:
     """With SGD(lr=1) the update is minus the gradient scaled to norm ``clip_norm``."""
     torch.manual_seed(0)
     data = tiny_data(dynamic=False)
-    x = data.train[:16]
+    x = data.split("train")[:16]
     loss_fn = make_loss(TrainConfig()).differentiable_loss
     reference = tiny_vae()
     torch.manual_seed(1)

@@ -31,7 +31,7 @@ def test_an_exported_model_evaluates_to_the_same_numbers(run: Path, tmp_path: Pa
     state, expected = exported.state_dict(), original.state_dict()
     assert state.keys() == expected.keys()
     assert all(torch.equal(state[k], expected[k]) for k in state)
-    x = load_dataset(load_run(run).data).test[:20]
+    x = load_dataset(load_run(run).data).split("test")[:20]
     results = []
     for vae in (exported, original, VAE.from_pretrained(run)):  # a run folder loads too
         torch.manual_seed(0)

@@ -53,7 +53,7 @@ def _train_and_score(guide: str, options: dict, seed: int, epochs: int) -> tuple
     pyro.set_rng_seed(seed)
     vae = VAE(VAEConfig(data.data_dim, 16, (200,), guide, options, data.image_shape))
     fit(vae, data, TrainConfig(num_epochs=epochs, seed=seed), progress=False)
-    result = evaluate(vae, data.valid, num_samples=500)
+    result = evaluate(vae, data.split("valid"), num_samples=500)
     return result.log_likelihood, result.gap
 
 

@@ -161,7 +161,11 @@ class DataSpec:
 
 @dataclass
 class Dataset:
-    """Train/valid/test images as float32 tensors ``(N, P)``, with optional int64 labels ``(N,)``.
+    """Train/valid/test images ``(N, P)``, with optional int64 labels ``(N,)``.
+
+    Binary and count pixels are held as uint8 (a quarter of float32's memory, on the host
+    and on a device); :meth:`split` and :meth:`train_batch` give float32 tensors, so read
+    images through them. Other pixels are float tensors.
 
     ``pixels`` says what the values are (see :class:`DataSpec`). For ``binary`` they are in
     {0, 1}, except ``train`` when ``dynamic`` is set: it then holds intensities in [0, 1] and
@@ -200,6 +204,17 @@ class Dataset:
         return self.train.shape[-1]
 
     @property
+    def float_dtype(self) -> torch.dtype:
+        """The dtype :meth:`split` and :meth:`train_batch` return."""
+        dtype = self.train.dtype
+        return dtype if dtype.is_floating_point else torch.float32
+
+    def nbytes(self) -> int:
+        """Bytes the images of every split hold."""
+        splits = (getattr(self, name) for name in SPLITS)
+        return sum(x.numel() * x.element_size() for x in splits if x is not None)
+
+    @property
     def num_classes(self) -> int | None:
         """The largest label plus one over every split, or None without labels."""
         present = [self.labels(name) for name in SPLITS]
@@ -214,7 +229,7 @@ class Dataset:
             raise DataError(f"this dataset has no {name!r} split; use --split valid")
         if name == "train" and self.dynamic:
             return torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
-        return x
+        return x.to(self.float_dtype)
 
     def labels(self, name: str) -> Tensor | None:
         """The int64 labels ``(N,)`` of split ``name`` in the order of its images, or None."""
@@ -222,8 +237,8 @@ class Dataset:
         return getattr(self, f"{name}_labels")
 
     def train_batch(self, index: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Training images ``(B, P)`` at ``index``, binarized afresh when dynamic."""
-        x = self.train[index]
+        """Training images ``(B, P)`` at ``index`` as floats, binarized afresh when dynamic."""
+        x = self.train[index].to(self.float_dtype)
         if self.dynamic:
             u = torch.rand(x.shape, generator=generator, device=x.device)
             return (u < x).to(x.dtype)
@@ -289,9 +304,16 @@ def _finish(
     generator = torch.Generator().manual_seed(spec.seed)
     out = {}
     for name, array in arrays.items():  # in the reader's order: static draws depend on it
-        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        if array.dtype == np.uint8:  # binary images stored as bytes stay bytes
+            x = torch.from_numpy(np.ascontiguousarray(array))
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
         out[name] = _binarize(x, mode, generator, keep=(mode == "dynamic" and name == "train"))
     tags = {f"{name}_labels": torch.from_numpy(t) for name, t in labels.items() if name in SPLITS}
+    if spec.pixels in ("binary", "count"):  # held compactly, floats per batch
+        for name, x in out.items():
+            if not (mode == "dynamic" and name == "train") and float(x.max()) <= 255:
+                out[name] = x.to(torch.uint8)
     return Dataset(
         out["train"],
         out["valid"],
@@ -307,8 +329,17 @@ def _finish(
 def _check_pixels(
     array: np.ndarray, where: str, pixels: str, mode: str | None, levels: int | None
 ) -> np.ndarray:
-    """Float32 ``(N, P)`` pixels of the view ``pixels``, or a DataError naming the rule."""
+    """``(N, P)`` pixels of the view ``pixels`` (float32; uint8 for stored binary integers
+    taken as they are), or a DataError naming the rule."""
     array = _check_shape(array, where)
+    if pixels == "binary" and mode is None and levels in (None, 1) and array.dtype.kind in "biu":
+        low, high = int(array.min()), int(array.max())  # integers: {0, 1} iff in [0, 1]
+        if low < 0 or high > 1:
+            raise DataError(
+                f"{where}: values must be in {{0, 1}} (found range [{low}, {high}]); "
+                "for intensities in [0, 1] pass --binarize static|dynamic|threshold"
+            )
+        return array.astype(np.uint8, copy=False)  # no float copy of stored binary images
     if pixels == "binary":
         if levels is not None and levels > 1:
             array = array.astype(np.float32) / np.float32(levels)
