@@ -63,6 +63,17 @@ def _bernoulli(x: Tensor, logits: Tensor) -> Tensor:
     return (x * logits - F.softplus(logits)).sum(-1)
 
 
+def _hand_log_q(layer: nn.Module, value: Tensor, inputs: Tensor) -> Tensor:
+    """log q(value | inputs) of one Gaussian guide layer, written out (full or diagonal)."""
+    q = layer(inputs)
+    if isinstance(q, dist.MultivariateNormal):
+        tril = q.scale_tril
+        white = torch.linalg.solve_triangular(tril, (value - q.loc)[..., None], upper=False)
+        log_q = -0.5 * white[..., 0].pow(2).sum(-1) - value.shape[-1] * HALF_LOG_2PI
+        return log_q - tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return _normal(value, *layer.loc_scale(inputs)[:2])
+
+
 def _traces(vae: VAE, x: Tensor, **kwargs: object) -> tuple:
     guide = poutine.trace(vae.guide).get_trace(x, **kwargs)
     model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x, **kwargs)
@@ -173,17 +184,10 @@ def test_bottom_up_guide_feeds_each_layer_x_and_the_layer_below(float64: None) -
     guide, _ = _traces(vae, x)
     z = _values(vae, guide)
     inputs = [x, torch.cat([x, z[0]], -1), torch.cat([x, z[1]], -1)]
-    expected = []
-    for layer, value, inp in zip(encoder.layers, z, inputs, strict=True):
-        q = layer(inp)
-        if isinstance(q, dist.MultivariateNormal):
-            tril = q.scale_tril
-            white = torch.linalg.solve_triangular(tril, (value - q.loc)[..., None], upper=False)
-            log_q = -0.5 * white[..., 0].pow(2).sum(-1) - value.shape[-1] * HALF_LOG_2PI
-            log_q = log_q - tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        else:
-            log_q = _normal(value, *layer.loc_scale(inp)[:2])
-        expected.append(log_q)
+    expected = [
+        _hand_log_q(layer, value, inp)
+        for layer, value, inp in zip(encoder.layers, z, inputs, strict=True)
+    ]
     guide.compute_log_prob()
     for site, value in zip(vae.latent_sites, expected, strict=True):
         assert torch.allclose(guide.nodes[site]["log_prob"], value, atol=1e-10), site
@@ -210,17 +214,10 @@ def test_top_down_guide_feeds_each_layer_x_and_the_layer_above(
     guide, _ = _traces(vae, x)
     z = _values(vae, guide)
     inputs = [torch.cat([x, z[1]], -1), torch.cat([x, z[2]], -1), x]
-    expected = []
-    for layer, value, inp in zip(encoder.layers, z, inputs, strict=True):
-        q = layer(inp)
-        if isinstance(q, dist.MultivariateNormal):
-            tril = q.scale_tril
-            white = torch.linalg.solve_triangular(tril, (value - q.loc)[..., None], upper=False)
-            log_q = -0.5 * white[..., 0].pow(2).sum(-1) - value.shape[-1] * HALF_LOG_2PI
-            log_q = log_q - tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        else:
-            log_q = _normal(value, *layer.loc_scale(inp)[:2])
-        expected.append(log_q)
+    expected = [
+        _hand_log_q(layer, value, inp)
+        for layer, value, inp in zip(encoder.layers, z, inputs, strict=True)
+    ]
     guide.compute_log_prob()
     for site, value in zip(vae.latent_sites, expected, strict=True):
         assert torch.allclose(guide.nodes[site]["log_prob"], value, atol=1e-10), site

@@ -1,0 +1,185 @@
+"""What several commands share: devices, data specs, guide options, resumed settings."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import read_payload
+from ..data import DATASETS, Dataset, DataSpec
+from ..guides import GUIDES, FlowGuide
+from ..likelihoods import LIKELIHOODS
+from ..model import VAEConfig
+from ..resume import LAST
+from ..runs import (
+    CONFIG,
+    read_run,
+)
+from ..train import (
+    TrainConfig,
+)
+from .arguments import (
+    RESUME_FLAGS,
+    UsageError,
+    _flow_guides,
+    _given_train_options,
+    build_parser,
+)
+
+# ---------------------------------------------------------------- helpers
+
+
+def guide_options(args: argparse.Namespace, key: str | None = None) -> dict[str, Any]:
+    """``--guide-option`` pairs plus the flow flags (recorded only for flow guides).
+
+    ``key`` is the guide they are for (default ``--guide``); ``compare`` asks for each guide
+    it compares, and there the flow flags apply to its flow guides only.
+    """
+    key = args.guide if key is None else key
+    options = dict(args.guide_option)
+    flags = {"--num-flows": args.num_flows, "--flow-hidden-dims": args.flow_hidden_dims}
+    if not issubclass(GUIDES[key], FlowGuide):
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given and args.command == "train":
+            raise UsageError(
+                f"{given[0]} applies to the flow guides ({', '.join(_flow_guides())}), "
+                f"not to --guide {key}"
+            )
+        return options
+    if args.num_flows is not None or "num_flows" not in options:
+        options["num_flows"] = args.num_flows or 4
+    if args.flow_hidden_dims is not None:
+        options["flow_hidden_dims"] = list(args.flow_hidden_dims)
+    return options
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; an unavailable CUDA device is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def data_spec(
+    values: Sequence[str], binarize: str | None, seed: int = 0, likelihood: str = "bernoulli"
+) -> DataSpec:
+    """``--data NAME [PATH]`` (or ``--data FILE.npy``) as a DataSpec, in the pixel kind of
+    ``likelihood``; ``--binarize`` fits only a likelihood of binary pixels."""
+    pixels = LIKELIHOODS[likelihood].pixels
+    if binarize is not None and pixels != "binary":
+        raise UsageError(
+            f"--binarize and --likelihood {likelihood} do not fit: the likelihood scores "
+            f"{pixels} pixels, not binarized ones"
+        )
+    if len(values) > 2:
+        raise UsageError(f"--data takes NAME [PATH], got {' '.join(values)}")
+    name, path = values[0], (values[1] if len(values) == 2 else None)
+    if name not in DATASETS and path is None and Path(name).suffix in (".npy", ".npz"):
+        name, path = "array", name
+    if path is not None:
+        path = str(Path(path).expanduser().resolve())
+    return DataSpec(name, path, binarize, seed, pixels=pixels)
+
+
+def _resume_settings(
+    args: argparse.Namespace, check_flags: bool = True
+) -> tuple[DataSpec, VAEConfig, TrainConfig]:
+    """Data, model and training settings of the run in ``--resume RUN_DIR``.
+
+    ``check_flags=False`` (a restarted torchrun worker, whose command line started the run):
+    the run's settings apply and the other flags are not compared.
+    """
+    run_dir = args.resume
+    if args.overwrite:
+        raise UsageError("--resume continues a run and --overwrite replaces it; pass one")
+    argv = getattr(args, "argv", None)  # set by main(); absent when called with a Namespace
+    if not check_flags:
+        given: set[str] = set()
+    elif argv is not None:
+        given = _given_train_options(argv) - {"command"}
+    else:
+        defaults = vars(build_parser().parse_args(["train"]))
+        given = {key for key, value in vars(args).items() if value != defaults.get(key, value)}
+    fixed = sorted(given - set(RESUME_FLAGS))
+    if fixed:
+        flags = ", ".join("--" + key.replace("_", "-") for key in fixed)
+        raise UsageError(
+            f"--resume {run_dir}: {flags} cannot change, the run's settings come from "
+            f"{run_dir / CONFIG}; only --epochs, --lr, --clip-norm, --device, --quiet apply"
+        )
+    run = read_run(run_dir)
+    if not (run_dir / LAST).is_file():
+        raise UsageError(
+            f"--resume {run_dir}: no {LAST} (no epoch finished); start again with --overwrite"
+        )
+    try:
+        spec, config = DataSpec(**run["data"]), VAEConfig.from_dict(run["model"])
+        stored = dict(run["train"])
+        for key in ("epochs", "lr", "clip_norm"):
+            if key in given:
+                stored["num_epochs" if key == "epochs" else key] = getattr(args, key)
+        train_config = TrainConfig(**stored)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UsageError(f"{run_dir / CONFIG}: not a usable run configuration ({error})") from None
+    done = read_payload(run_dir / LAST).get("epoch")
+    if not isinstance(done, int) or done >= train_config.num_epochs:
+        raise UsageError(
+            f"--resume {run_dir}: already trained {done!r} of {train_config.num_epochs} epochs; "
+            "pass --epochs N with a larger N to train longer"
+        )
+    return spec, config, train_config
+
+
+def _require_tensorboard() -> None:
+    """UsageError (one line) unless TensorBoard's writer imports."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--tensorboard needs the tensorboard package: pip install 'pyro-vae[tensorboard]'"
+        ) from None
+
+
+def _num_classes(data: Dataset, spec: DataSpec) -> int:
+    """The number of classes a conditional VAE is conditioned on; an error without labels."""
+    if data.num_classes is None:
+        raise UsageError(f"--conditional needs labels, and dataset {spec.name!r} has none")
+    return data.num_classes
+
+
+def _recipe_words(args: argparse.Namespace, config: TrainConfig) -> str:
+    """``", preset mnist-vamp, KL warm-up over 30 epochs"`` (empty when neither is set)."""
+    words = ""
+    if getattr(args, "preset", None):
+        words += f", preset {args.preset}"
+    if config.kl_warmup:
+        words += f", KL warm-up over {config.kl_warmup} epochs"
+    return words
+
+
+def _layers(config: VAEConfig) -> str:
+    """``"2 layers (40, 40), ladder, "`` for a hierarchy, ``"conditional on 10 classes, "``."""
+    sizes, words = config.latent_dims, ""
+    if config.condition_dim:
+        words = f"conditional on {config.condition_dim} classes, "
+    if len(sizes) == 1:
+        return words
+    reads = ", decoder reads all" if config.decoder_input == "all" else ""
+    return f"{words}{len(sizes)} layers {tuple(sizes)}, {config.inference}{reads}, "
+
+
+def _one_line(error: BaseException) -> str:
+    """The message with line breaks shown as ``\\n`` (a quoted value may contain them)."""
+    return "\\n".join(str(error).splitlines())

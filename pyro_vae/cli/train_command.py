@@ -1,0 +1,311 @@
+"""``pyro-vae train``: one run in its folder, fresh, resumed, replaced or restarted."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from ..callbacks import Callback, TensorBoardCallback
+from ..checkpoint import load_checkpoint, read_payload
+from ..data import Dataset, load_dataset
+from ..distributed import Replica, init_replica
+from ..likelihoods import LIKELIHOODS
+from ..model import VAE, VAEConfig
+from ..pictures import read_metrics, save_curves
+from ..resume import LAST
+from ..run_folder import PREVIOUS, CommitOnFirstEpoch, RunFolder
+from ..runs import (
+    CONFIG,
+    discard_unstarted,
+    prepare_run_dir,
+    restarted_run,
+    run_folder,
+    run_record,
+    save_run_pictures,
+    set_aside_old_run,
+    write_json,
+)
+from ..train import (
+    CHECKPOINT,
+    METRICS,
+    RunNotWritten,
+    TrainConfig,
+    TrainingDiverged,
+    TrainingInterrupted,
+    fit,
+    one_hot_labels,
+)
+from .arguments import (
+    UsageError,
+    _train_config,
+)
+from .common import (
+    _layers,
+    _num_classes,
+    _one_line,
+    _recipe_words,
+    _require_tensorboard,
+    _resume_settings,
+    data_spec,
+    guide_options,
+    resolve_device,
+)
+
+# ---------------------------------------------------------------- commands
+
+
+def _continue_after_restart(args: argparse.Namespace) -> bool:
+    """A worker restarted by ``torchrun --max-restarts`` continues its job's run: resumes it
+    when an epoch was completed, else replaces its unstarted attempt. Whether it resumes."""
+    if args.resume is not None or args.data is None:
+        return False
+    spec = data_spec(args.data, args.binarize, likelihood=args.likelihood)
+    run_dir = args.out or Path("runs") / f"{spec.name}-{args.guide}"
+    action = restarted_run(run_dir)
+    if action == "replace":
+        args.overwrite = True
+    elif action == "resume":
+        args.resume, args.overwrite = run_dir, False
+        if int(os.environ.get("RANK", "0")) == 0:
+            epoch = read_payload(run_dir / LAST).get("epoch")
+            print(
+                f"pyro-vae: restarted: continuing {run_dir} from {LAST} (epoch {epoch})",
+                file=sys.stderr,
+            )
+    return action == "resume"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    restarted = _continue_after_restart(args)
+    resuming = args.resume is not None
+    if resuming:
+        main_process = int(os.environ.get("RANK", "0")) == 0
+        if main_process and (args.resume / PREVIOUS).is_dir():  # a killed overwrite: settle it
+            with run_folder(args.resume):
+                pass
+        spec, config, train_config = _resume_settings(args, check_flags=not restarted)
+    else:
+        if args.data is None:
+            raise UsageError(
+                f"--preset {args.preset} needs the data: add --data binarized-mnist PATH"
+            )
+        spec, config = data_spec(args.data, args.binarize, likelihood=args.likelihood), None
+        train_config = _train_config(args)
+    data = load_dataset(spec)
+    if train_config.batch_size > data.train.shape[0]:
+        raise UsageError(
+            f"--batch-size {train_config.batch_size} is larger than the training set "
+            f"({data.train.shape[0]} images)"
+        )
+    if config is None:
+        likelihood = LIKELIHOODS[args.likelihood]
+        config = VAEConfig(
+            data.data_dim,
+            args.latent_dim,
+            args.hidden_dims,
+            args.guide,
+            guide_options(args),
+            data.image_shape,
+            arch=args.arch,
+            prior=args.prior,
+            prior_options=dict(args.prior_option),
+            latent=args.latent,
+            likelihood=args.likelihood,
+            likelihood_options=likelihood.options_for_data(
+                dict(args.likelihood_option), data.train, data.levels
+            ),
+            arch_options=dict(args.arch_option),
+            latent_dims=args.latent_dims,
+            inference=args.inference,
+            layer_guides=args.layer_guides,
+            decoder_input=args.decoder_input,
+            condition_dim=_num_classes(data, spec) if args.conditional else 0,
+        )
+    config.check_data(data.split("valid"), data.pixels, "the validation images")
+    if args.tensorboard:
+        _require_tensorboard()
+    replica, device = init_replica(device)  # under torchrun: join the process group
+    if replica.world_size > 1 and args.jit:
+        raise UsageError("--jit is not supported with several processes")
+    pyro.set_rng_seed(train_config.seed)  # the same initial weights on every rank
+    vae = VAE(config).to(device)  # guide options are checked here, before the folder exists
+    pyro.set_rng_seed(train_config.seed + replica.rank)  # then each rank draws its own noise
+    if resuming:
+        run_dir, created = args.resume, False
+    else:
+        run_dir, created = prepare_run_dir(
+            args.out, spec, args.guide, args.overwrite, replica.is_main
+        )
+    folder = run_folder(run_dir)
+    if not replica.is_main:
+        return _train_in_folder(args, vae, data, train_config, folder, replica, [])[0] or 0
+    record = run_record(config, train_config, spec, getattr(args, "argv", None))
+    try:
+        with folder:  # one writer: refused while another live process trains here
+            if resuming:
+                for stale in run_dir.glob(".*.tmp"):  # left by a writer killed before its rename
+                    stale.unlink()
+            else:
+                set_aside_old_run(folder, args.overwrite)
+                write_json(run_dir / CONFIG, record)
+            more = replica.world_size - 1
+            print(
+                f"{'resuming' if resuming else 'training'} a VAE ({_layers(config)}"
+                f"{config.guide} guide, {config.prior} prior, {config.arch} networks, "
+                f"{config.likelihood} likelihood) on "
+                f"{spec.name}: "
+                f"{data.train.shape[0]} train / {data.valid.shape[0]} valid images of "
+                f"{data.data_dim} pixels, on {device}"
+                + _recipe_words(args, train_config)
+                + (f" and {more} more processes" if more else ""),
+                file=sys.stderr,
+            )
+
+            def commit() -> None:  # the new settings are recorded once an epoch ran with them
+                folder.commit()
+                if resuming:
+                    write_json(run_dir / CONFIG, record)
+
+            callbacks: list[Callback] = [CommitOnFirstEpoch(commit)]
+            if args.tensorboard:
+                callbacks.append(TensorBoardCallback(run_dir / "tensorboard", data.split("valid")))
+            status, history = _train_in_folder(
+                args, vae, data, train_config, folder, replica, callbacks
+            )
+            if status is not None:
+                return status
+            return _report_run(run_dir, data, device, train_config, history)
+    finally:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
+def _report_run(
+    run_dir: Path,
+    data: Dataset,
+    device: torch.device,
+    train_config: TrainConfig,
+    history: list[dict[str, Any]],
+) -> int:
+    """Pictures and curves of a finished run, and what it wrote, on stdout."""
+    vae, payload = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
+    condition = one_hot_labels(vae, data, "valid")
+    condition = None if condition is None else condition.to(device)
+    pictures = save_run_pictures(vae, data.split("valid").to(device), run_dir, condition)
+    pictures.append(save_curves({run_dir.name: read_metrics(run_dir)}, run_dir / "curves.png"))
+    early = len(history) < train_config.num_epochs  # only early stopping ends a run sooner
+    note = f" (stopped early: patience {train_config.patience})" if early else ""
+    if train_config.kl_warmup and len(history) <= train_config.kl_warmup:
+        note += (
+            f"; the run ended inside its {train_config.kl_warmup}-epoch KL warm-up, so the "
+            "model has not yet been trained on the full ELBO"
+        )
+    print(
+        f"best valid ELBO {payload['valid_elbo']:.3f} nats at epoch {payload['epoch']} of "
+        f"{len(history)}{note}"
+    )
+    for path in (run_dir / CONFIG, run_dir / CHECKPOINT, run_dir / LAST, run_dir / METRICS):
+        print(f"  wrote {path}")
+    for path in pictures:
+        print(f"  wrote {path}")
+    print(f"next: pyro-vae evaluate {run_dir}")
+    return 0
+
+
+def _train_in_folder(
+    args: argparse.Namespace,
+    vae: VAE,
+    data: Dataset,
+    train_config: TrainConfig,
+    folder: RunFolder,
+    replica: Replica,
+    callbacks: list[Callback],
+) -> tuple[int | None, list[dict[str, Any]]]:
+    """Run ``fit`` in the folder: (None, its history) when it finished, else (the exit status
+    of its stop, [])
+
+    A run that stops before completing an epoch leaves no files, and an old run set aside by
+    ``--overwrite`` comes back.
+    """
+    run_dir = folder.path
+    try:
+        with _sigterm_as_interrupt():
+            history = fit(
+                vae,
+                data,
+                train_config,
+                run_dir,
+                not args.quiet,
+                args.resume is not None,
+                replica,
+                callbacks,
+            )
+    except (TrainingDiverged, TrainingInterrupted, RunNotWritten) as error:
+        return (_report_stop(error, folder) if replica.is_main else 1), []
+    except BaseException:
+        if replica.is_main:
+            _undo_unstarted(folder)
+        raise
+    return None, history
+
+
+def _undo_unstarted(folder: RunFolder) -> bool:
+    """Drop a run that completed no epoch (and bring back the run it replaced); whether an
+    old run came back."""
+    discard_unstarted(folder.path)
+    return folder.restore()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM (what schedulers and ``kill`` send) stops training like Ctrl-C does.
+
+    Background processes may ignore SIGINT; SIGTERM then gives the same clean stop: the epoch
+    in progress is dropped, ``last.pt`` keeps the one before, and ``--resume`` continues.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _report_stop(
+    error: TrainingDiverged | TrainingInterrupted | RunNotWritten, folder: RunFolder
+) -> int:
+    """One line on stderr for a diverged or unwritable (status 1) or interrupted (130) run."""
+    run_dir = folder.path
+    started = (run_dir / LAST).exists()
+    restored = False if started else _undo_unstarted(folder)
+    if isinstance(error, TrainingInterrupted):
+        hint = f"; continue with: pyro-vae train --resume {run_dir}" if started else ""
+        print(f"pyro-vae: {_one_line(error)}{hint}", file=sys.stderr)
+        return 130
+    if isinstance(error, RunNotWritten):
+        hint = f"; then: pyro-vae train --resume {run_dir}" if started else ""
+    elif started:
+        hint = f"; then: pyro-vae train --resume {run_dir} --lr LOWER"
+    elif restored:
+        hint = f"; no epoch had finished, so {run_dir} keeps the run it held before"
+    else:
+        hint = f"; no epoch had finished, so {run_dir} keeps no run"
+    print(f"pyro-vae: error: {_one_line(error)}{hint}", file=sys.stderr)
+    return 1
