@@ -118,8 +118,21 @@ def fit_local_posteriors(
     optimizer = torch.optim.Adam(offsets, lr=lr)
     history: list[Tensor] = []
     with _frozen(vae):
-        for _ in range(num_steps):
-            loss = loss_fn(vae.model, vae.guide, x)
+        for step in range(1, num_steps + 1):
+            try:
+                loss = loss_fn(vae.model, vae.guide, x)
+            except ValueError as error:  # a distribution met NaN parameters: one line
+                if "invalid values" not in str(error) and "nan" not in str(error).lower():
+                    raise
+                raise ValueError(
+                    f"local SVI diverged at step {step}: the local posteriors' parameters became "
+                    f"NaN/inf; lower the learning rate (lr {lr:g})"
+                ) from None
+            if not torch.isfinite(loss):
+                raise ValueError(
+                    f"local SVI diverged at step {step}: loss {float(loss.detach())}; lower the learning "
+                    f"rate (lr {lr:g})"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -92,7 +92,7 @@ TRAIN_CASES: list[tuple[str, Callable[[P], list[str]], list[str]]] = [
     ("too many data words", lambda p: ["--data", "array", "a", "b"], ["NAME [PATH]"]),
     ("missing file", lambda p: ["--data", str(p["missing"])], ["missing.npy", "no such"]),
     ("truncated file", lambda p: ["--data", str(p["truncated"])], ["truncated.npy", ".npy"]),
-    ("garbage file", lambda p: ["--data", str(p["garbage"])], ["garbage.npy", "cannot read"]),
+    ("garbage file", lambda p: ["--data", str(p["garbage"])], ["garbage.npy", "not a .npy"]),
     ("pickled objects", lambda p: ["--data", str(p["objects"])], ["objects.npy"]),
     ("complex", lambda p: ["--data", str(p["complex"])], ["complex64", "numeric"]),
     ("strings", lambda p: ["--data", str(p["strings"])], ["strings.npy", "numeric"]),
@@ -421,3 +421,12 @@ def test_fit_resume_from_folder_without_state(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="last.pt: no such checkpoint"):
         fit(tiny_vae(), tiny_data(), tiny_config(1), tmp_path, progress=False, resume=True)
     assert FORMAT_VERSION == 1
+
+
+def test_diverging_local_svi_is_one_short_line(files: P, capsys: pytest.CaptureFixture) -> None:
+    """No tensor dump: the progress bar, then one line naming the step and the remedy."""
+    argv = ["gaps", str(files["run"]), "--lr", "1e30", "--num-steps", "5", "--num-points", "4"]
+    status, err = run_cli(argv, capsys)
+    assert status == 2 and err[-1].startswith("pyro-vae: error: local SVI diverged at step")
+    assert "lower the learning rate" in err[-1] and len(err[-1]) < 200
+    assert not [line for line in err[:-1] if not line.startswith("local SVI")]

@@ -148,6 +148,16 @@ class ArrayReader(DatasetReader):
         assert path is not None
         if path.suffix == ".npy":
             try:
+                with open(path, "rb") as handle:
+                    magic = handle.read(6)
+            except OSError as error:
+                raise DataError(f"{path}: cannot read as .npy ({error.strerror})") from None
+            if magic != b"\x93NUMPY":
+                raise DataError(
+                    f"{path}: not a .npy file (it does not start with NumPy's header); save "
+                    "arrays with numpy.save"
+                )
+            try:
                 return {"all": np.load(path, allow_pickle=False)}
             except (OSError, ValueError, EOFError) as error:
                 raise DataError(f"{path}: cannot read as .npy ({error})") from None
