@@ -131,22 +131,7 @@ class TextbookVAE(nn.Module):
 
 def textbook_epoch(model: TextbookVAE, data: Dataset, config: TrainConfig) -> Callable[[], None]:
     """The textbook loop: shuffled minibatches, ``torch.optim.Adam`` with its defaults."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-
-    def run() -> None:
-        num_data = data.train.shape[0]
-        total = torch.zeros((), device=data.train.device)
-        order = torch.randperm(num_data, generator=generator).to(data.train.device)
-        for index in order.split(config.batch_size):
-            loss = model.loss(data.train_batch(index), num_data)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-        float(total)
-
-    return run
+    return plain_epoch(model, data, config, torch.optim.Adam(model.parameters(), lr=config.lr))
 
 
 class PlainFlowVAE(nn.Module):
@@ -235,8 +220,15 @@ def plain_twin(
 # ---------------------------------------------------------------- one epoch of each variant
 
 
-def plain_epoch(model: nn.Module, data: Dataset, config: TrainConfig) -> Callable[[], None]:
-    optimizer = make_optimizer(model.parameters(), config.lr, data.train.device)
+def plain_epoch(
+    model: nn.Module,
+    data: Dataset,
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Callable[[], None]:
+    """A plain PyTorch epoch of ``model.loss``; Adam as fit makes it unless ``optimizer``."""
+    if optimizer is None:
+        optimizer = make_optimizer(model.parameters(), config.lr, data.train.device)
     generator = torch.Generator().manual_seed(config.seed)
 
     def run() -> None:
