@@ -129,9 +129,10 @@ def fit_local_posteriors(
                     f"NaN/inf; lower the learning rate (lr {lr:g})"
                 ) from None
             if not torch.isfinite(loss):
+                value = float(loss.detach())
                 raise ValueError(
-                    f"local SVI diverged at step {step}: loss {float(loss.detach())}; lower the learning "
-                    f"rate (lr {lr:g})"
+                    f"local SVI diverged at step {step}: loss {value}; lower the learning rate "
+                    f"(lr {lr:g})"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

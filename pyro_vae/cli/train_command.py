@@ -67,7 +67,8 @@ from .common import (
 def _continue_after_restart(args: argparse.Namespace) -> bool:
     """A worker restarted by ``torchrun --max-restarts`` continues its job's run: resumes it
     when an epoch was completed, else replaces its unstarted attempt. Whether it resumes."""
-    if args.resume is not None or args.data is None:
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not restarted or args.resume is not None or args.data is None:
         return False
     spec = data_spec(args.data, args.binarize, likelihood=args.likelihood)
     run_dir = args.out or Path("runs") / f"{spec.name}-{args.guide}"
