@@ -74,6 +74,22 @@ def _hand_log_q(layer: nn.Module, value: Tensor, inputs: Tensor) -> Tensor:
     return _normal(value, *layer.loc_scale(inputs)[:2])
 
 
+def _assert_layers_score_by_hand(
+    vae: VAE, guide: poutine.Trace, z: list[Tensor], inputs: list[Tensor]
+) -> None:
+    """Each layer's log q in the guide trace, and its gradients, equal the hand-written ones
+    of the layer's guide at the given inputs."""
+    expected = [
+        _hand_log_q(layer, value, inp)
+        for layer, value, inp in zip(vae.encoder.layers, z, inputs, strict=True)
+    ]
+    guide.compute_log_prob()
+    for site, value in zip(vae.latent_sites, expected, strict=True):
+        assert torch.allclose(guide.nodes[site]["log_prob"], value, atol=1e-10), site
+    hand = sum(value.sum() for value in expected)
+    _assert_same_grads(_grads(guide.log_prob_sum(), vae), _grads(hand, vae))
+
+
 def _traces(vae: VAE, x: Tensor, **kwargs: object) -> tuple:
     guide = poutine.trace(vae.guide).get_trace(x, **kwargs)
     model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x, **kwargs)
@@ -184,15 +200,7 @@ def test_bottom_up_guide_feeds_each_layer_x_and_the_layer_below(float64: None) -
     guide, _ = _traces(vae, x)
     z = _values(vae, guide)
     inputs = [x, torch.cat([x, z[0]], -1), torch.cat([x, z[1]], -1)]
-    expected = [
-        _hand_log_q(layer, value, inp)
-        for layer, value, inp in zip(encoder.layers, z, inputs, strict=True)
-    ]
-    guide.compute_log_prob()
-    for site, value in zip(vae.latent_sites, expected, strict=True):
-        assert torch.allclose(guide.nodes[site]["log_prob"], value, atol=1e-10), site
-    hand = sum(value.sum() for value in expected)
-    _assert_same_grads(_grads(guide.log_prob_sum(), vae), _grads(hand, vae))
+    _assert_layers_score_by_hand(vae, guide, z, inputs)
     # reconstruct decodes the mean of q(z1|x)
     expected_mean = torch.sigmoid(vae.decoder(encoder.layers[0](x).mean))
     assert torch.allclose(vae.reconstruct(x), expected_mean, atol=1e-12)
@@ -214,15 +222,7 @@ def test_top_down_guide_feeds_each_layer_x_and_the_layer_above(
     guide, _ = _traces(vae, x)
     z = _values(vae, guide)
     inputs = [torch.cat([x, z[1]], -1), torch.cat([x, z[2]], -1), x]
-    expected = [
-        _hand_log_q(layer, value, inp)
-        for layer, value, inp in zip(encoder.layers, z, inputs, strict=True)
-    ]
-    guide.compute_log_prob()
-    for site, value in zip(vae.latent_sites, expected, strict=True):
-        assert torch.allclose(guide.nodes[site]["log_prob"], value, atol=1e-10), site
-    hand = sum(value.sum() for value in expected)
-    _assert_same_grads(_grads(guide.log_prob_sum(), vae), _grads(hand, vae))
+    _assert_layers_score_by_hand(vae, guide, z, inputs)
     m3 = encoder.layers[2].loc_scale(x)[0]
     m2 = encoder.layers[1].loc_scale(torch.cat([x, m3], -1))[0]
     m1 = encoder.layers[0](torch.cat([x, m2], -1)).mean
