@@ -287,6 +287,7 @@ def fit(
         run_dir.mkdir(parents=True, exist_ok=True)
     device = vae.prior_loc.device
     data = data.to(device)  # once: every minibatch is then indexed on the device
+    valid = data.split("valid")  # as floats, once for every epoch's validation
     elbo_loss = ELBOLoss(vae, make_loss(config))
     loss_fn = replica.wrap(elbo_loss)
     optimizer = make_optimizer(loss_fn.parameters(), config.lr, device)
@@ -320,8 +321,8 @@ def fit(
             recipes = _start_epoch(elbo_loss, optimizer, config, epoch)
             try:
                 row = _run_epoch(
-                    vae, data, loss_fn, optimizer, config, generator, epoch, bar, replica,
-                    callbacks,
+                    vae, data, valid, loss_fn, optimizer, config, generator, epoch, bar,
+                    replica, callbacks,
                 )  # fmt: skip
                 row.update(recipes)
                 state = _end_epoch(run_dir, vae, optimizer, generator, config, state, row, replica)
@@ -456,6 +457,7 @@ def _restore(
 def _run_epoch(
     vae: VAE,
     data: Dataset,
+    valid: Tensor,
     loss_fn: Callable[..., Tensor],
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
@@ -465,7 +467,7 @@ def _run_epoch(
     replica: Replica,
     callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
-    """Train one epoch and validate; returns its metrics row."""
+    """Train one epoch and validate on ``valid`` ``(N, P)``; returns its metrics row."""
     start = time.perf_counter()
     bar.set_description(f"epoch {epoch}/{config.num_epochs}")
     vae.train()
@@ -474,7 +476,6 @@ def _run_epoch(
     )
     try:
         condition = one_hot_labels(vae, data, "valid")
-        valid = data.split("valid")
         valid_elbo = _valid_elbo(vae, valid, config.batch_size, replica, condition)
     except ValueError as error:
         raise _invalid_parameters(error, f"epoch {epoch}, validation") from None

@@ -6,6 +6,8 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
+
 __all__ = [
     "check_images",
     "check_instance",
@@ -59,8 +61,6 @@ def check_instance(name: str, value: Any, kind: type | tuple[type, ...], hint: s
 def check_images(name: str, x: Any, width: int, what: str = "P", flat: bool = False) -> None:
     """TypeError/ValueError unless x is a floating-point tensor ``(*, B, width)`` (``(B,
     width)`` when ``flat``)."""
-    import torch
-
     check_instance(name, x, torch.Tensor, f"use torch.as_tensor({name}, dtype=torch.float32)")
     if not x.is_floating_point():
         raise TypeError(
