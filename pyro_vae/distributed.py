@@ -6,7 +6,7 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -46,8 +46,9 @@ class ELBOLoss(nn.Module):
 
     ``beta`` (default 1) weights the latent sites ``vae.latent_sites`` in both model and guide
     through :class:`~pyro_vae.objectives.scale_latent`: the loss is then
-    ``-(E_q log p(x|z) - beta * E_q[log q(z|x) - log p(z)])`` (KL warm-up). A compiled
-    ``JitTrace_ELBO`` takes beta = 1 only.
+    ``-(E_q log p(x|z) - beta * E_q[log q(z|x) - log p(z)])`` (KL warm-up). With a
+    ``JitTrace_ELBO``, beta, the subsample and the condition enter the compiled graph as
+    tensors, so one graph per batch size serves every epoch of a warm-up.
 
     Args:
         vae: The model and guide.
@@ -60,7 +61,10 @@ class ELBOLoss(nn.Module):
         self.beta, self._sites = 1.0, vae.latent_sites
         # bound once: JitTrace_ELBO keys its compiled graph on id(model) and id(guide)
         self._model, self._guide = vae.model, vae.guide
+        self._weighted_model = _weighted(vae.model, self._sites)
+        self._weighted_guide = _weighted(vae.guide, self._sites)
         self._param_state: dict | None = None
+        self._traced: set[tuple] = set()  # the keys of the compiled graphs
 
     def forward(
         self,
@@ -79,30 +83,49 @@ class ELBOLoss(nn.Module):
             # the optimizer holds this module's parameters: no param statements needed
             with weight, self.vae.without_param_statements():
                 return self.elbo.differentiable_loss(self._model, self._guide, x, **kwargs)
-        if self.beta != 1.0:  # the compiled graph would keep the scale of its first call
-            raise ValueError(f"JitTrace_ELBO cannot weight the KL term (beta {self.beta!r})")
-        if subsample is not None or condition is not None:
-            raise ValueError(
-                "JitTrace_ELBO cannot take a subsample or condition tensor; use Trace_ELBO"
-            )
+        # tensors enter the compiled graph as inputs; other arguments are fixed in it
+        names = tuple(name for name in ("subsample", "condition") if name in kwargs)
+        tensors = tuple(kwargs.pop(name) for name in names)
+        beta = torch.tensor(float(self.beta), dtype=x.dtype, device=x.device)
+        kwargs["tensor_names"] = names
         kwargs["batch_size"] = x.shape[0]  # one compiled graph per batch size
         # the compiled graph reads parameters from the param store: give it this VAE's own
         # store, so an earlier module registered under the same names is never trained instead
+        # (also under torchrun, whose module-local parameters would hide them from the store);
         # the plain graph interpreter: the optimizing executor's backward is slower on CPU
         with (
+            pyro.settings.context(module_local_params=False),
             pyro.get_param_store().scope(self._param_state) as state,
             warnings.catch_warnings(),
             torch.jit.optimized_execution(False),
         ):
             warnings.filterwarnings("ignore", ".*torch.jit.trace.*", DeprecationWarning)
             self._param_state = state
-            loss, surrogate = self.elbo.loss_and_surrogate_loss(
-                self._model, self._guide, x, **kwargs
-            )
+            args = (self._weighted_model, self._weighted_guide, x, beta, *tensors)
+            key = (len(tensors), *sorted(kwargs.items()))
+            if key not in self._traced:  # tracing runs the program twice more: with the noise
+                devices = [x.device] if x.device.type == "cuda" else []  # of this step restored,
+                with torch.random.fork_rng(devices):  # the compiled run draws what eager would
+                    self.elbo.loss_and_surrogate_loss(*args, **kwargs)
+                self._traced.add(key)
+            loss, surrogate = self.elbo.loss_and_surrogate_loss(*args, **kwargs)
         # value of the loss, gradient of the surrogate: JitTrace_ELBO.differentiable_loss
         # (pyro 1.9) returns loss + (surrogate - surrogate.detach()), which doubles the
         # gradient of every reparameterized site
         return loss.detach() + (surrogate - surrogate.detach())
+
+
+def _weighted(program: Callable[..., Any], sites: Sequence[str]) -> Callable[..., Any]:
+    """``program(x, **kwargs)`` with its latent ``sites`` weighted by a tensor ``beta`` and
+    the tensors named in ``tensor_names`` passed positionally (for ``JitTrace_ELBO``)."""
+
+    def weighted(
+        x: Tensor, beta: Tensor, *tensors: Tensor, tensor_names: tuple[str, ...] = (), **kwargs
+    ) -> Any:  # noqa: ANN401
+        with scale_latent(sites, beta):
+            return program(x, **kwargs, **dict(zip(tensor_names, tensors, strict=True)))
+
+    return weighted
 
 
 class Replica:

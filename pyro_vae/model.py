@@ -421,6 +421,13 @@ class VAE(PyroModule):
 
         return load_pretrained(path, map_location)
 
+    @property
+    def traceable(self) -> bool:
+        """Whether ``torch.jit.trace`` can compile this VAE's loss: no part of it (any
+        submodule) sets ``traceable = False``."""
+        parts = (module for module in self.modules() if module is not self)
+        return all(getattr(module, "traceable", True) for module in parts)
+
     @contextmanager
     def without_param_statements(self) -> Iterator[VAE]:
         """Inside, ``model`` and ``guide`` call the networks without ``pyro.param`` statements.

@@ -520,18 +520,23 @@ class scale_latent(Messenger):  # noqa: N801 (a Pyro handler)
 
     Args:
         name: The latent site, e.g. ``f"{vae.prefix}.z"``, or several (``vae.latent_sites``).
-        beta: The weight, a finite number >= 0; 1 leaves the sites unchanged.
+        beta: The weight, a finite number >= 0; 1 leaves the sites unchanged. A 0-dim
+            tensor is applied as given (unchecked), so a compiled loss can take it as input.
     """
 
-    def __init__(self, name: str | Sequence[str], beta: float) -> None:
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    def __init__(self, name: str | Sequence[str], beta: float | Tensor) -> None:
+        if not isinstance(beta, Tensor):
+            if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+                raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+            beta = float(beta)
         super().__init__()
         self.names = {name} if isinstance(name, str) else set(name)
-        self.beta = float(beta)
+        self.beta = beta
 
     def _process_message(self, msg: dict[str, Any]) -> None:
-        if msg["type"] == "sample" and msg["name"] in self.names and self.beta != 1.0:
+        if msg["type"] != "sample" or msg["name"] not in self.names:
+            return
+        if isinstance(self.beta, Tensor) or self.beta != 1.0:
             msg["scale"] = self.beta * msg["scale"]
 
 

@@ -230,6 +230,7 @@ class VonMisesFisherGuide(AmortizedGuide):
     """
 
     latent = "sphere"
+    traceable = False  # for D > 3 rejection sampling runs a data-dependent number of rounds
 
     def __init__(
         self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (400,)

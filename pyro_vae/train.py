@@ -35,6 +35,8 @@ __all__ = [
     "TrainingDiverged",
     "TrainingInterrupted",
     "fit",
+    "check_compilable",
+    "compiles_loss",
     "make_loss",
     "make_optimizer",
     "one_hot_labels",
@@ -93,15 +95,19 @@ class TrainConfig:
         seed: Seed of the minibatch order and dynamic binarization (the CLI also seeds Pyro).
         log_every: Steps between progress-bar updates and NaN/inf checks (each syncs the device).
         clip_norm: Clip the gradient's total 2-norm to this value before each step; None: off.
-        jit: Compile the loss with ``JitTrace_ELBO`` (objective ``elbo`` only; one graph per
-            batch size).
+        jit: Compile the loss with ``JitTrace_ELBO`` (one graph per batch size, traced at its
+            first step). None (default): wherever it applies, i.e. objective ``elbo`` with the
+            ``pathwise`` estimator, no free bits, no ``validate`` and every part of the VAE
+            traceable, and eager elsewhere; True: always (an error where it does not apply);
+            False: never (Pyro's eager ``Trace_ELBO``).
+            :func:`compiles_loss` tells which a config gets.
         validate: Keep Pyro's distribution and handler checks on while training. Off by
             default: they cost 15-30% of a step, the data are checked when loaded and a
             NaN/inf loss or gradient is caught by the divergence checks all the same.
         kl_warmup: Epochs of KL warm-up: the latent site's ``log p(z) - log q(z|x)`` is
             weighted by beta rising linearly from 0 (epoch 1) to 1 (epoch ``kl_warmup + 1``),
             see :func:`~pyro_vae.schedules.kl_weight`; 0: off. Objectives ``elbo`` and
-            ``meanfield`` without jit only. ``train_elbo`` then logs the weighted objective;
+            ``meanfield`` only. ``train_elbo`` then logs the weighted objective;
             ``valid_elbo`` (and the best checkpoint) always use beta = 1.
         lr_schedule: ``constant``, ``exponential`` (times ``lr_gamma`` per epoch, down to
             ``lr_min``) or ``cosine`` (from ``lr`` to ``lr_min`` over ``num_epochs``); see
@@ -130,7 +136,7 @@ class TrainConfig:
     log_every: int = 10
     clip_norm: float | None = None
     objective: str = "elbo"
-    jit: bool = False
+    jit: bool | None = None
     validate: bool = False
     kl_warmup: int = 0
     lr_schedule: str = "constant"
@@ -154,11 +160,14 @@ class TrainConfig:
             raise ValueError(
                 f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}"
             )
-        for name in ("jit", "validate"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.validate, bool):
+            raise TypeError(f"validate must be True or False, got {self.validate!r}")
+        if not (self.jit is None or isinstance(self.jit, bool)):
+            raise TypeError(f"jit must be None, True or False, got {self.jit!r}")
         if self.jit and self.objective != "elbo":
             raise ValueError(f"jit=True needs objective 'elbo', got {self.objective!r}")
+        if self.jit and self.validate:
+            raise ValueError("validate=True checks every step eagerly: it takes no jit=True")
         self._check_recipes()
         check_gradient_estimator(self.objective, self.gradient_estimator)
         if self.gradient_estimator != "pathwise" and (self.jit or self.free_bits):
@@ -172,10 +181,9 @@ class TrainConfig:
         warmup = self.kl_warmup
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"kl_warmup must be an integer >= 0 (epochs), got {warmup!r}")
-        if warmup and (self.jit or self.objective == "iwae"):
+        if warmup and self.objective == "iwae":
             raise ValueError(
-                "kl_warmup needs objective 'elbo' or 'meanfield' without jit (the compiled "
-                f"loss keeps one KL weight), got objective {self.objective!r}, jit {self.jit}"
+                f"kl_warmup needs objective 'elbo' or 'meanfield', got {self.objective!r}"
             )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(
@@ -202,10 +210,36 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def make_loss(config: TrainConfig) -> ELBO:
-    """The Pyro ELBO that ``fit`` trains with under ``config`` (objective, estimator, jit,
-    free bits); wrap it with the VAE in :class:`~pyro_vae.distributed.ELBOLoss`."""
-    if config.jit:
+def compiles_loss(config: TrainConfig, vae: VAE | None = None) -> bool:
+    """Whether ``fit`` trains ``vae`` with the compiled ``JitTrace_ELBO`` under ``config``:
+    when ``jit`` is True, or None and the objective is ``elbo`` with the ``pathwise``
+    estimator, no free bits, no validation and a traceable VAE
+    (:attr:`~pyro_vae.model.VAE.traceable`)."""
+    if config.jit is not None:
+        return config.jit
+    return (
+        config.objective == "elbo"
+        and config.gradient_estimator == "pathwise"
+        and not config.free_bits
+        and not config.validate
+        and (vae is None or vae.traceable)
+    )
+
+
+def check_compilable(config: TrainConfig, vae: VAE) -> None:
+    """Raise ValueError when ``config.jit`` is True and a part of ``vae`` is not traceable."""
+    if config.jit and not vae.traceable:
+        parts = {type(m).__name__ for m in vae.modules() if not getattr(m, "traceable", True)}
+        raise ValueError(
+            f"jit=True cannot compile this VAE: {', '.join(sorted(parts))} is not traceable; "
+            "leave jit unset (compiled where possible) or turn it off"
+        )
+
+
+def make_loss(config: TrainConfig, vae: VAE | None = None) -> ELBO:
+    """The Pyro ELBO that ``fit`` trains ``vae`` with under ``config`` (objective, estimator,
+    jit, free bits); wrap it with the VAE in :class:`~pyro_vae.distributed.ELBOLoss`."""
+    if compiles_loss(config, vae):
         return JitTrace_ELBO(
             num_particles=config.num_particles,
             vectorize_particles=config.num_particles > 1,
@@ -288,7 +322,7 @@ def fit(
     device = vae.prior_loc.device
     data = data.to(device)  # once: every minibatch is then indexed on the device
     valid = data.split("valid")  # as floats, once for every epoch's validation
-    elbo_loss = ELBOLoss(vae, make_loss(config))
+    elbo_loss = ELBOLoss(vae, make_loss(config, vae))
     loss_fn = replica.wrap(elbo_loss)
     optimizer = make_optimizer(loss_fn.parameters(), config.lr, device)
     generator = torch.Generator().manual_seed(config.seed)
@@ -401,8 +435,7 @@ def _check_fit_args(
         )
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir that holds last.pt")
-    if replica.world_size > 1 and config.jit:
-        raise ValueError("jit=True is not supported with several processes")
+    check_compilable(config, vae)
 
 
 def _check_labels(vae: VAE, data: Dataset, config: TrainConfig) -> None:
@@ -416,8 +449,6 @@ def _check_labels(vae: VAE, data: Dataset, config: TrainConfig) -> None:
         )
     if data.num_classes > width:
         raise ValueError(f"the data have {data.num_classes} classes but condition_dim is {width}")
-    if config.jit:
-        raise ValueError("jit=True takes an unconditional VAE (condition_dim 0)")
 
 
 def one_hot_labels(vae: VAE, data: Dataset, name: str) -> Tensor | None:

@@ -31,7 +31,10 @@ from pyro_vae.guides import MIN_SCALE, make_guide
 from pyro_vae.networks import MLP
 from pyro_vae.train import TrainConfig, make_optimizer, train_epoch
 
-VARIANTS = ("plain", "textbook", "pyro", "jit", "local", "svi")
+#: pyro_vae's own variants are fit()'s epoch under TrainConfig(jit=None) (``default``), True
+#: (``jit``) and False (``eager``; ``local`` adds Pyro's module-local parameters)
+VARIANTS = ("plain", "textbook", "default", "jit", "eager", "local", "svi")
+JIT_OF_VARIANT = {"default": None, "jit": True, "eager": False, "local": False, "svi": False}
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -252,7 +255,7 @@ def pyro_vae_epoch(vae: VAE, data: Dataset, config: TrainConfig) -> Callable[[],
     from pyro_vae.distributed import ELBOLoss
     from pyro_vae.train import make_loss
 
-    loss_fn = ELBOLoss(vae, make_loss(config))
+    loss_fn = ELBOLoss(vae, make_loss(config, vae))
     optimizer = make_optimizer(vae.parameters(), config.lr, data.train.device)
     generator = torch.Generator().manual_seed(config.seed)
     epoch = iter(range(1, 10**9))
@@ -284,7 +287,7 @@ def svi_epoch(vae: VAE, data: Dataset, config: TrainConfig) -> Callable[[], None
 def build(
     variant: str, guide: str, data: Dataset, args: argparse.Namespace, device: torch.device
 ) -> Callable[[], None] | None:
-    config = TrainConfig(batch_size=args.batch_size, jit=variant == "jit")
+    config = TrainConfig(batch_size=args.batch_size, jit=JIT_OF_VARIANT.get(variant))
     if variant == "textbook":
         if guide != "diagonal":
             return None
@@ -392,7 +395,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden-dims", type=_widths, default=(400,), help="e.g. 400 or 400,200")
     parser.add_argument("--guides", nargs="+", default=sorted(GUIDES), choices=sorted(GUIDES))
     parser.add_argument(
-        "--variants", nargs="+", default=["plain", "textbook", "pyro", "jit"], choices=VARIANTS
+        "--variants",
+        nargs="+",
+        default=["plain", "textbook", "default", "jit", "eager"],
+        choices=VARIANTS,
     )
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu and cuda if any")
     parser.add_argument("--threads", type=int, default=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -77,17 +78,36 @@ def adam_losses(vae: VAE, x: Tensor, steps: int, lr: float) -> list[float]:
     return losses
 
 
-def assert_jit_equals_eager(vae: VAE, x: Tensor, num_data: int = 50) -> None:
+def assert_jit_equals_eager(
+    vae: VAE,
+    x: Tensor,
+    num_data: int = 50,
+    betas: tuple[float, ...] = (1.0,),
+    subsample: Tensor | None = None,
+    condition: Tensor | None = None,
+) -> None:
     """The compiled loss and its gradients equal the eager ones on the same noise draws,
-    for the batch x and a smaller one (each batch size gets its own graph)."""
+    for the batch x and a smaller one (each batch size gets its own graph), at every KL
+    weight in ``betas`` (one graph serves them all), with the optional ``subsample`` ``(B,)``
+    and ``condition`` ``(B, C)`` rows of x, after the weights have changed since tracing."""
     eager = ELBOLoss(vae, Trace_ELBO(max_plate_nesting=1))
     compiled = ELBOLoss(vae, JitTrace_ELBO(max_plate_nesting=1, ignore_jit_warnings=True))
-    for n in (x.shape[0], max(1, x.shape[0] // 2)):
-        compiled(x[:n], num_data)  # compile
+    for n, beta in itertools.product((x.shape[0], max(1, x.shape[0] // 2)), betas):
+        rows = {
+            name: value[:n]
+            for name, value in (("subsample", subsample), ("condition", condition))
+            if value is not None
+        }
+        compiled.beta = eager.beta = 1.0
+        compiled(x[:n], num_data, **rows)  # compile
+        compiled.beta = eager.beta = beta
+        with torch.no_grad():  # new weights: a value frozen into the graph would show
+            for parameter in vae.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
         results = []
         for loss_fn in (compiled, eager):
             torch.manual_seed(1)  # the same noise draws
-            loss = loss_fn(x[:n], num_data)
+            loss = loss_fn(x[:n], num_data, **rows)
             results.append((loss, torch.autograd.grad(loss, list(vae.parameters()))))
         (loss_jit, grads_jit), (loss_eager, grads_eager) = results
         assert torch.allclose(loss_jit, loss_eager, rtol=1e-12, atol=0)

@@ -137,7 +137,11 @@ TRAIN_CASES: list[tuple[str, Callable[[P], list[str]], list[str]]] = [
         ["gradient_estimator 'dreg'"],
     ),
     ("stl with jit", lambda p: ["--gradient-estimator", "stl", "--jit"], ["'stl'", "jit"]),
-    ("jit with warm-up", lambda p: ["--jit", "--kl-warmup", "3"], ["kl_warmup", "jit"]),
+    (
+        "jit with vmf",
+        lambda p: ["--jit", "--guide", "vmf", "--latent", "sphere"],
+        ["jit=True", "VonMisesFisherGuide is not traceable"],
+    ),
     ("conv on 4x4", lambda p: ["--arch", "conv"], ["arch 'conv'", "28x28"]),
     ("conditional, no labels", lambda p: ["--conditional"], ["label"]),
     ("not binary", lambda p: ["--data", str(p["half"])], ["{0, 1}", "[0.5, 0.5]", "--binarize"]),

@@ -16,6 +16,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
+from robust_helpers import assert_jit_equals_eager
 
 from pyro_vae import VAE, Dataset, TrainConfig, VAEConfig, fit
 from pyro_vae.cli import main
@@ -231,8 +232,13 @@ def test_fit_refuses_a_conditional_vae_it_cannot_feed() -> None:
         fit(vae, replace(data, valid_labels=None), config)
     with pytest.raises(ValueError, match="3 classes but condition_dim is 2"):
         fit(VAE(VAEConfig(P, D, (8,), "diagonal", condition_dim=2)), data, config)
-    with pytest.raises(ValueError, match="jit=True takes an unconditional VAE"):
-        fit(vae, data, TrainConfig(num_epochs=1, batch_size=10, jit=True))
+
+
+def test_the_compiled_loss_of_a_conditional_vae_equals_the_eager_one(float64: None) -> None:
+    vae = VAE(VAEConfig(P, D, (8,), "diagonal", condition_dim=C))
+    x = torch.bernoulli(torch.full((7, P), 0.5))
+    condition = torch.nn.functional.one_hot(torch.tensor([0, 2, 1, 1, 0, 2, 2]), C).double()
+    assert_jit_equals_eager(vae, x, betas=(1.0, 0.5), condition=condition)
 
 
 def test_the_cli_trains_evaluates_and_draws_a_conditional_vae(

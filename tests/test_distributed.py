@@ -80,6 +80,13 @@ def test_two_ranks_match_one_process_with_the_doubled_batch(ddp: dict, mode: str
     assert result["max_grad_difference_to_reference"] < 1e-12 * result["max_abs_reference_grad"]
 
 
+def test_the_compiled_loss_under_ddp_equals_the_eager_loss(ddp: dict) -> None:
+    result = ddp["compiled"]
+    assert result["loss_relative_difference"] < 1e-12
+    assert result["grad_max_difference"] < 1e-10 * result["max_abs_grad"]
+    assert result["jit_synced_identical_on_ranks"]
+
+
 def test_single_replica_defaults() -> None:
     replica = Replica()
     assert replica.is_main and replica.world_size == 1 and replica.subsample(None) is None

@@ -9,14 +9,15 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import JitTrace_ELBO, Trace_ELBO
-from robust_helpers import tiny_config, tiny_data, tiny_vae
+from pyro.infer import Trace_ELBO
+from robust_helpers import assert_jit_equals_eager, tiny_config, tiny_data, tiny_vae
 
 import pyro_vae.train as train_module
 from pyro_vae import VAE, TrainConfig, VAEConfig, fit
 from pyro_vae.distributed import ELBOLoss
 from pyro_vae.objectives import make_objective, scale_latent
 from pyro_vae.schedules import kl_weight, learning_rate, patience_exhausted
+from pyro_vae.train import compiles_loss
 
 # ---------------------------------------------------------------- KL warm-up
 
@@ -79,14 +80,10 @@ def test_scale_latent_leaves_other_sites_and_refuses_bad_weights() -> None:
             scale_latent("vae.z", bad)  # type: ignore[arg-type]
 
 
-def test_jit_loss_refuses_a_kl_weight() -> None:
+def test_compiled_loss_takes_the_kl_weight_as_an_input(float64: None) -> None:
     vae = VAE(VAEConfig(6, 2, (5,), "diagonal"))
-    loss = ELBOLoss(vae, JitTrace_ELBO(max_plate_nesting=1, ignore_jit_warnings=True))
-    loss.beta = 0.5
-    with pytest.raises(ValueError, match="JitTrace_ELBO cannot weight"):
-        loss(torch.bernoulli(torch.full((3, 6), 0.5)))
-    with pytest.raises(ValueError, match="kl_warmup needs"):
-        TrainConfig(kl_warmup=3, jit=True)
+    assert_jit_equals_eager(vae, torch.bernoulli(torch.full((4, 6), 0.5)), betas=(0.0, 0.5, 1.0))
+    assert compiles_loss(TrainConfig(kl_warmup=3))  # the default compiles a warm-up too
 
 
 def test_kl_weight_is_linear_over_the_warmup() -> None:

@@ -17,7 +17,7 @@ from pyro_vae.cli import main
 from pyro_vae.data import Dataset
 from pyro_vae.distributed import ELBOLoss
 from pyro_vae.evaluate import log_likelihood
-from pyro_vae.train import TrainConfig, fit, make_optimizer
+from pyro_vae.train import TrainConfig, compiles_loss, fit, make_optimizer
 
 #: guides known to compile under torch.jit.trace
 JIT_GUIDES = ("diagonal", "full", "lowrank", "iaf", "planar", "radial")
@@ -50,6 +50,9 @@ def test_jit_changes_no_result_beyond_float_tolerance(float64: None, key: str) -
     vae = _tiny_vae(key)
     x = torch.bernoulli(torch.full((7, 5), 0.5))
     assert_jit_equals_eager(vae, x)
+    # a KL warm-up's weights and a rank's subsample are inputs of the one compiled graph
+    subsample = torch.tensor([9, 2, 40, 7, 0, 1, 3])
+    assert_jit_equals_eager(vae, x, betas=(0.3, 0.0), subsample=subsample)
 
 
 @pytest.mark.parametrize("key", ["diagonal", "full", "iaf", "vamp-prior"])
@@ -159,3 +162,23 @@ def test_cli_jit_and_particles(tmp_path: Path) -> None:
     assert main(argv) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert saved["jit"] is True and saved["num_particles"] == 2
+
+
+def test_the_default_compiles_wherever_it_applies() -> None:
+    vae, sphere = _tiny_vae("diagonal"), VAE(VAEConfig(5, 5, (4,), "vmf", latent="sphere"))
+    assert vae.traceable and not sphere.traceable  # vMF's rejection loop cannot be traced
+    assert compiles_loss(TrainConfig(), vae) and compiles_loss(TrainConfig(kl_warmup=2), vae)
+    eager = [
+        TrainConfig(jit=False),
+        TrainConfig(objective="meanfield"),
+        TrainConfig(objective="iwae", num_particles=2),
+        TrainConfig(gradient_estimator="stl"),
+        TrainConfig(free_bits=0.5),
+        TrainConfig(validate=True),  # Pyro's checks run on every step
+    ]
+    assert not any(compiles_loss(config, vae) for config in eager)
+    assert not compiles_loss(TrainConfig(), sphere) and compiles_loss(TrainConfig(jit=True))
+    data = Dataset(torch.bernoulli(torch.full((8, 5), 0.5)), torch.ones(4, 5), None, (1, 5))
+    fit(sphere, data, TrainConfig(num_epochs=1, batch_size=4), progress=False)  # eager
+    with pytest.raises(ValueError, match="VonMisesFisherGuide is not traceable"):
+        fit(sphere, data, TrainConfig(num_epochs=1, batch_size=4, jit=True), progress=False)

@@ -246,7 +246,14 @@ def _add_optimization_args(group: argparse._ArgumentGroup, epochs: int) -> None:
     group.add_argument(
         "--num-particles", type=_positive_int, default=1, help="vectorized z draws per image"
     )
-    group.add_argument("--jit", action="store_true", help="compile the loss (JitTrace_ELBO)")
+    group.add_argument(
+        "--jit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the loss with JitTrace_ELBO; default: wherever it applies (objective "
+        "elbo, pathwise estimator, no free bits, no --validate, traceable parts); --no-jit: "
+        "Pyro's eager Trace_ELBO",
+    )
     group.add_argument(
         "--validate",
         action="store_true",

@@ -42,6 +42,7 @@ from ..train import (
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
+    check_compilable,
     fit,
     one_hot_labels,
 )
@@ -137,10 +138,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.tensorboard:
         _require_tensorboard()
     replica, device = init_replica(device)  # under torchrun: join the process group
-    if replica.world_size > 1 and args.jit:
-        raise UsageError("--jit is not supported with several processes")
     pyro.set_rng_seed(train_config.seed)  # the same initial weights on every rank
     vae = VAE(config).to(device)  # guide options are checked here, before the folder exists
+    check_compilable(train_config, vae)
     pyro.set_rng_seed(train_config.seed + replica.rank)  # then each rank draws its own noise
     if resuming:
         run_dir, created = args.resume, False

@@ -69,7 +69,10 @@ class AmortizedGuide(nn.Module):
 
     Subclasses implement ``__init__`` and ``forward``; ``forward`` returns a distribution with
     batch shape ``(B,)`` and event shape ``(D,)`` for ``x`` of shape ``(B, P)``. The class
-    attribute ``latent`` declares the space z lives in (``euclidean`` R^D or ``sphere``).
+    attribute ``latent`` declares the space z lives in (``euclidean`` R^D or ``sphere``);
+    ``traceable = False`` keeps ``fit`` from compiling the loss by default (for a forward pass
+    that branches on tensor values or computes outside torch, which ``torch.jit.trace``
+    would freeze at its first call).
 
     Args:
         data_dim: Number of pixels P.
@@ -79,6 +82,7 @@ class AmortizedGuide(nn.Module):
 
     key: str = ""
     latent: str = "euclidean"
+    traceable: bool = True
 
     def __init__(
         self, data_dim: int, latent_dim: int, hidden_dims: Sequence[int] = (400,)
