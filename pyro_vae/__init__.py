@@ -24,6 +24,7 @@ from .likelihoods import (  # noqa: E402
 from .model import VAE, ModelDraw, VAEConfig  # noqa: E402
 from .networks import ARCHS, NetworkPair, make_arch, register_arch  # noqa: E402
 from .priors import PRIORS, make_prior, register_prior  # noqa: E402
+from .run_dir import RunDir  # noqa: E402
 from .runs import Run, load_run  # noqa: E402
 from .train import TrainConfig, fit  # noqa: E402
 
@@ -34,6 +35,7 @@ __all__ = [
     "LIKELIHOODS",
     "PRIORS",
     "Run",
+    "RunDir",
     "VAE",
     "AmortizedGuide",
     "Callback",

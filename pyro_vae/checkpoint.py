@@ -195,9 +195,12 @@ def export_model(vae: VAE, out_dir: str | Path) -> list[Path]:
 def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> VAE:
     """The VAE of an exported folder (:func:`export_model`) or of a run folder (its
     best-validation ``checkpoint.pt``), in eval mode; CheckpointError (one line) otherwise."""
+    from .run_dir import RunDir  # the run folder's layout (which imports this module)
+
     path = Path(path)
-    if (path / "checkpoint.pt").is_file() and not (path / EXPORT_WEIGHTS).is_file():
-        return load_checkpoint(path / "checkpoint.pt", map_location)[0]
+    run = RunDir(path)
+    if run.checkpoint.is_file() and not (path / EXPORT_WEIGHTS).is_file():
+        return load_checkpoint(run.checkpoint, map_location)[0]
     weights, config = path / EXPORT_WEIGHTS, path / EXPORT_CONFIG
     if not weights.is_file() or not config.is_file():
         raise CheckpointError(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -20,7 +19,8 @@ from .evaluate import active_units, evaluate
 from .guides import GUIDES
 from .model import VAE, VAEConfig
 from .pictures import save_image_grid
-from .train import CHECKPOINT, TrainConfig, fit
+from .run_dir import RunDir
+from .train import TrainConfig, fit
 from .validation import check_positive_int
 
 __all__ = [
@@ -148,12 +148,12 @@ def _run_one(
     run_dir.mkdir(parents=True, exist_ok=True)
     payload = {"version": __version__, "model": vae_config.to_dict(), "train": vars(train)}
     payload["data"] = data_spec
-    atomic_write(run_dir / "config.json", lambda t: t.write_text(json.dumps(payload, indent=2)))
+    RunDir(run_dir).write_record(payload)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the caller's RNG state is left untouched
         torch.manual_seed(seed)
         history = fit(VAE(vae_config).to(device), data, train, run_dir, progress=False)
-        vae, _ = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
+        vae, _ = load_checkpoint(RunDir(run_dir).checkpoint, map_location=device)
         x = data.split(config.split)
         result = evaluate(vae, x, num_samples=config.num_samples)
         row = {"guide": key, "seed": seed, **result.to_dict()}
@@ -193,7 +193,8 @@ def compare_guides(
     write_report(out_dir, rows, summary, histories, config)
     for key in config.guides:
         with torch.random.fork_rng(devices=[]):  # rebuilding a VAE draws initial weights
-            vae, _ = load_checkpoint(out_dir / "runs" / f"{key}-seed{seeds[0]}" / CHECKPOINT)
+            first = RunDir(out_dir / "runs" / f"{key}-seed{seeds[0]}")
+            vae, _ = load_checkpoint(first.checkpoint)
         images = vae.sample_images(64, generator=torch.Generator().manual_seed(0)).cpu()
         span = vae.likelihood.value_range() or (float(images.min()), float(images.max()))
         path = out_dir / f"samples-{key}.png"

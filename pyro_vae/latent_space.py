@@ -10,6 +10,7 @@ from torch import Tensor
 from .checkpoint import atomic_write
 from .model import VAE
 from .pictures import save_image_grid
+from .run_dir import RunDir
 
 __all__ = [
     "interpolation_grid",
@@ -135,8 +136,8 @@ def save_latent_pictures(
     sizes = ",".join(map(str, vae.config.latent_dims))
     return [
         save_latent_scatter(
-            codes, out_dir / "latent.png", labels, f"posterior means, z_1 of {sizes}"
+            codes, out_dir / RunDir.LATENT, labels, f"posterior means, z_1 of {sizes}"
         ),
-        save_image_grid(out_dir / "interpolation.png", lines.cpu(), shape, value_range=span),
-        save_image_grid(out_dir / "traversal.png", moves.cpu(), shape, value_range=span),
+        save_image_grid(out_dir / RunDir.INTERPOLATION, lines.cpu(), shape, value_range=span),
+        save_image_grid(out_dir / RunDir.TRAVERSAL, moves.cpu(), shape, value_range=span),
     ]

@@ -78,15 +78,18 @@ class Likelihood(nn.Module):
         return (0.0, 1.0)
 
     def check_data(self, x: Tensor, where: str = "data") -> None:
-        """ValueError (one line) when images ``(N, P)`` lie outside this likelihood's support."""
-        support = self(x.new_zeros(x.shape[:-1] + (self.outputs_per_pixel * x.shape[-1],)))
-        inside = support.support.check(x)
-        if not bool(inside.all()):
-            bad = x[~inside]
-            raise ValueError(
-                f"{where}: likelihood {self.key!r} needs values in {support.support}, "
-                f"found {float(bad[0]):g}"
-            )
+        """ValueError (one line) when images ``(N, P)`` (floats, or integers as stored) lie
+        outside this likelihood's support."""
+        support = self(x.new_zeros((1, self.outputs_per_pixel * x.shape[-1]))).support
+        for rows in x.reshape(-1, x.shape[-1]).split(4096):  # bounded memory for large data
+            if not rows.dtype.is_floating_point:  # images stored as bytes
+                rows = rows.to(torch.get_default_dtype())
+            inside = support.check(rows)
+            if not bool(inside.all()):
+                raise ValueError(
+                    f"{where}: likelihood {self.key!r} needs values in {support}, "
+                    f"found {float(rows[~inside][0]):g}"
+                )
 
 
 @register_likelihood("bernoulli")

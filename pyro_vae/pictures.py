@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import atomic_write
+from .run_dir import RunDir
 
 __all__ = ["read_metrics", "save_curves", "save_image_grid", "tile"]
 
@@ -114,16 +114,9 @@ def _labelled_figure(
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, list[float]]:
-    """Columns ``epoch``, ``train_elbo``, ``valid_elbo`` of ``run_dir/metrics.csv``."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (not a run folder?)")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        raise ValueError(f"{path}: no epochs recorded yet")
-    keys = ("epoch", "train_elbo", "valid_elbo")
-    return {key: [float(row[key]) for row in rows] for key in keys}
+    """Columns ``epoch``, ``train_elbo``, ``valid_elbo`` of ``run_dir/metrics.csv``
+    (:meth:`~pyro_vae.run_dir.RunDir.read_metrics`)."""
+    return RunDir(run_dir).read_metrics()
 
 
 def save_curves(

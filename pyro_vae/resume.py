@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import CheckpointError, read_payload, save_checkpoint
 from .model import VAE
+from .run_dir import RunDir
 
 if TYPE_CHECKING:
     from .train import TrainConfig
@@ -28,7 +29,7 @@ __all__ = [
     "set_rng_state",
 ]
 
-LAST = "last.pt"
+LAST = RunDir.LAST
 #: TrainConfig fields that must be unchanged for a resumed run to continue the same run.
 RESUME_KEYS = ("batch_size", "num_particles", "seed")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .callbacks import Callback
+from .run_dir import RunDir
 
 __all__ = ["LOCK", "PREVIOUS", "CommitOnFirstEpoch", "RunFolder", "RunFolderBusy"]
 
@@ -21,7 +22,7 @@ LOCK = ".lock"
 #: Where ``--overwrite`` keeps the old run until the new one has completed an epoch.
 PREVIOUS = ".previous"
 #: The file whose presence means a run has completed an epoch.
-_COMPLETED = "last.pt"
+_COMPLETED = RunDir.LAST
 
 
 class RunFolderBusy(ValueError):

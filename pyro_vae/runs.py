@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .checkpoint import atomic_write
 from .data import DataSpec
 from .model import VAE, VAEConfig
-from .pictures import read_metrics, save_image_grid
+from .pictures import save_image_grid
+from .run_dir import RunDir, RunError, read_config_file, write_json
 from .run_folder import RunFolder
 from .train import TrainConfig
 
@@ -42,22 +42,20 @@ __all__ = [
     "run_record",
     "save_run_pictures",
     "summarize_run",
+    "evaluate_run",
+    "format_evaluation",
     "format_runs",
     "stored_data_spec",
     "train_options",
     "write_json",
 ]
 
-CONFIG = "config.json"
+CONFIG = RunDir.CONFIG
 
 #: ``pyro-vae train`` destinations of the TrainConfig fields (the rest share their name).
 _TRAIN_FLAGS = {"num_epochs": "epochs"}
 #: VAEConfig fields whose options are KEY=VALUE pairs on the command line.
 _OPTION_FIELDS = ("guide", "prior", "likelihood", "arch")
-
-
-class RunError(ValueError):
-    """A run folder or config file that cannot be used; the message names the file."""
 
 
 def run_record(
@@ -100,14 +98,15 @@ def restarted_run(run_dir: Path) -> str | None:
     the first attempt)."""
     if not int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0):
         return None
+    folder = RunDir(run_dir)
     try:
-        record = json.loads((run_dir / CONFIG).read_text())
+        record = json.loads(folder.config.read_text())
         launched = record["launch"]["run_id"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if launched != os.environ.get("TORCHELASTIC_RUN_ID"):
         return None
-    return "resume" if (run_dir / "last.pt").is_file() else "replace"
+    return "resume" if folder.last.is_file() else "replace"
 
 
 @dataclass(frozen=True)
@@ -147,50 +146,13 @@ def load_run(run_dir: str | Path) -> Run:
             record,
         )
     except (KeyError, TypeError, ValueError) as error:
-        where = Path(run_dir) / CONFIG
+        where = RunDir(run_dir).config
         raise RunError(f"{where}: not a usable run configuration ({error})") from None
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     """The record in ``run_dir/config.json``; RunError (one line) when missing or malformed."""
-    path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise RunError(
-            f"{run_dir}: not a run folder (no {CONFIG}); train one with "
-            "pyro-vae train --out RUN_DIR"
-        )
-    return read_config_file(path)
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A JSON or TOML (``.toml``) file holding one table; RunError (one line) otherwise."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise RunError(f"{path}: cannot read ({error})") from None
-    try:
-        if path.suffix.lower() == ".toml":
-            values = _toml(text)
-        else:
-            values = json.loads(text)
-    except ValueError as error:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-        kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
-        raise RunError(f"{path}: not valid {kind} ({error})") from None
-    if not isinstance(values, dict):
-        raise RunError(f"{path}: expected a table of settings, got {type(values).__name__}")
-    return values
-
-
-def _toml(text: str) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise RunError("reading TOML needs Python >= 3.11 or the tomli package") from None
-    return tomllib.loads(text)
+    return RunDir(run_dir).read_record()
 
 
 def train_options(record: dict[str, Any], where: str = CONFIG) -> dict[str, Any]:
@@ -267,25 +229,7 @@ def _check_fields(
 # ---------------------------------------------------------------- the run folder
 
 #: Files a run folder may hold; an existing run is recognized by any of them.
-RUN_FILES = (
-    CONFIG,
-    "checkpoint.pt",
-    "last.pt",
-    "metrics.csv",
-    "samples.png",
-    "reconstructions.png",
-    "curves.png",
-    "eval.json",
-    "gaps.json",
-    "latent.png",
-    "interpolation.png",
-    "traversal.png",
-)
-
-
-def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON, atomically."""
-    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+RUN_FILES = RunDir.FILES
 
 
 def prepare_run_dir(
@@ -307,7 +251,7 @@ def prepare_run_dir(
 
 def _refuse_existing_run(run_dir: Path, overwrite: bool) -> list[str]:
     """The run files in ``run_dir``; RunError when there are some and not ``overwrite``."""
-    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    existing = RunDir(run_dir).existing()
     if existing and not overwrite:
         raise RunError(
             f"--out {run_dir}: already holds a run ({', '.join(existing)}); pass "
@@ -319,9 +263,7 @@ def _refuse_existing_run(run_dir: Path, overwrite: bool) -> list[str]:
 def run_outputs(run_dir: Path) -> list[Path]:
     """What pyro-vae wrote in a run folder: ``RUN_FILES``, sample grids, TensorBoard files
     and unfinished temporary files; other files in the folder are not the run's."""
-    names = [*RUN_FILES, "tensorboard"]
-    found = [run_dir / name for name in names if (run_dir / name).exists()]
-    return found + sorted(run_dir.glob("samples-*.png")) + sorted(run_dir.glob(".*.tmp"))
+    return RunDir(run_dir).outputs()
 
 
 def run_folder(run_dir: Path) -> RunFolder:
@@ -338,33 +280,23 @@ def set_aside_old_run(folder: RunFolder, overwrite: bool) -> None:
 
 def discard_unstarted(run_dir: Path) -> None:
     """Remove what a run wrote before its first epoch ended, so no empty run is left behind."""
-    if (run_dir / "last.pt").exists():
-        return
-    for name in (CONFIG, "metrics.csv"):
-        (run_dir / name).unlink(missing_ok=True)
+    RunDir(run_dir).discard_unstarted()
 
 
 def stored_data_spec(run_dir: Path, record: dict[str, Any]) -> DataSpec:
     """The DataSpec a run's record holds (RunError, one line, when it holds none)."""
+    where = RunDir(run_dir).config
     if not isinstance(record.get("data"), dict):
-        raise RunError(f"{run_dir / CONFIG}: records no dataset to take images from")
+        raise RunError(f"{where}: records no dataset to take images from")
     try:
         return DataSpec(**record["data"])
     except TypeError as error:
-        raise RunError(f"{run_dir / CONFIG}: not a usable data record ({error})") from None
+        raise RunError(f"{where}: not a usable data record ({error})") from None
 
 
 def record_evaluation(run_dir: Path, record: dict[str, Any]) -> Path:
     """Keep an evaluation ``record`` in ``run_dir/eval.json`` under its split (others stay)."""
-    path = run_dir / "eval.json"
-    try:
-        stored = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        stored = {}  # unreadable: replaced by this evaluation
-    stored = stored if isinstance(stored, dict) else {}
-    stored[record["split"]] = record
-    write_json(path, stored)
-    return path
+    return RunDir(run_dir).record_evaluation(record)
 
 
 def save_run_pictures(
@@ -392,14 +324,92 @@ def save_run_pictures(
     labels = ["data", "reconstruction"] * (pairs.shape[0] // 2)
     return [
         save_image_grid(
-            run_dir / "samples.png", samples, shape, width or None, value_range=span,
+            RunDir(run_dir).file(RunDir.SAMPLES), samples, shape, width or None, value_range=span,
             title=f"{num_samples} images from the prior ({kind}{per_class})",
         ),
         save_image_grid(
-            run_dir / "reconstructions.png", pairs.cpu(), shape, value_range=span,
+            RunDir(run_dir).file(RunDir.RECONSTRUCTIONS), pairs.cpu(), shape, value_range=span,
             title=f"validation images and their reconstructions ({kind})", row_labels=labels,
         ),
     ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "test",
+    num_samples: int = 5000,
+    batch_size: int = 100,
+    num_points: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    data: DataSpec | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Any], Path | None]:
+    """Evaluate the best model of a run folder on ``split`` (the first ``num_points``
+    images): IS log p(x) with ``num_samples`` draws, ELBO, KL, per-layer active units.
+
+    ``data`` evaluates on other images of the same shape; without it the run's own data are
+    used and the record is kept in ``eval.json``. Returns the record and that file (or None).
+    """
+    from .checkpoint import load_checkpoint
+    from .data import load_dataset
+    from .evaluate import evaluate, layer_active_units
+    from .train import one_hot_labels
+
+    folder = RunDir(run_dir)
+    record = folder.read_record()
+    vae, _ = load_checkpoint(folder.checkpoint, map_location=device)
+    images = load_dataset(data or stored_data_spec(folder.path, record))
+    x = images.split(split)[:num_points]
+    if x.shape[1] != vae.config.data_dim:
+        raise ValueError(
+            f"the data has {x.shape[1]} pixels per image but the checkpoint "
+            f"expects {vae.config.data_dim}"
+        )
+    condition = one_hot_labels(vae, images, split)
+    condition = None if condition is None else condition[:num_points].to(device)
+    pyro.set_rng_seed(seed)
+    x = x.to(device)
+    result = evaluate(
+        vae, x, num_samples=num_samples, batch_size=batch_size, condition=condition,
+        progress=progress,
+    )  # fmt: skip
+    out: dict[str, Any] = {**result.to_dict(), "split": split}
+    if not vae.likelihood.discrete:
+        out["density"] = True  # log densities: not comparable with discrete log probabilities
+    if len(vae.latent_sites) > 1:
+        out["layer_active_units"] = layer_active_units(vae, x)
+    written = folder.record_evaluation(out) if data is None else None
+    return out, written
+
+
+def format_evaluation(record: dict[str, Any]) -> str:
+    """The lines ``pyro-vae evaluate`` prints for an :func:`evaluate_run` record."""
+    lines = [
+        f"{record['split']} split, {record['num_points']} images, K = {record['num_samples']} "
+        "importance samples (nats per image)"
+    ]
+    if record.get("density"):
+        lines.append(
+            "  the likelihood is a density: these are log densities, "
+            "not comparable with log probabilities of discrete data"
+        )
+    layers = [(f"  KL of layer {name}", v) for name, v in record.get("layer_kl", {}).items()]
+    for label, value in (
+        ("ELBO", record["elbo"]),
+        ("reconstruction E_q log p(x|z)", record["reconstruction"]),
+        ("KL(q(z|x) || p(z))", record["kl"]),
+        *layers,
+        ("IS log p(x)", record["log_likelihood"]),
+        ("gap log p(x) - ELBO", record["gap"]),
+    ):
+        lines.append(f"  {label:<32}{value:10.3f}")
+    for name, count in record.get("layer_active_units", {}).items():
+        lines.append(f"  {'active units of layer ' + name:<32}{count:6d}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- summaries
@@ -412,12 +422,12 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     ``epochs``, ``best_epoch``, ``best_valid_elbo``, ``last_train_elbo``, and from
     ``eval.json`` the latest split's ``split``, ``log_likelihood``, ``elbo``, ``gap``.
     """
-    run_dir = Path(run_dir)
-    record = read_run(run_dir)
+    folder = RunDir(run_dir)
+    record = folder.read_record()
     model, data = record.get("model", {}), record.get("data", {})
     sizes = model.get("latent_dims") or [model.get("latent_dim")]
     row: dict[str, Any] = {
-        "run": str(run_dir),
+        "run": str(folder.path),
         "data": data.get("name", "?"),
         "model": (
             f"z {','.join(map(str, sizes))}"
@@ -427,7 +437,7 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
         ),
     }
     try:
-        metrics = read_metrics(run_dir)
+        metrics = folder.read_metrics()
     except (OSError, ValueError, KeyError):
         metrics = None
     if metrics is not None:
@@ -436,11 +446,8 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
         row["best_epoch"] = int(metrics["epoch"][best])
         row["best_valid_elbo"] = metrics["valid_elbo"][best]
         row["last_train_elbo"] = metrics["train_elbo"][-1]
-    try:
-        evaluations = json.loads((run_dir / "eval.json").read_text())
-    except (OSError, ValueError):
-        evaluations = {}
-    if isinstance(evaluations, dict) and evaluations:
+    evaluations = folder.read_evaluations()
+    if evaluations:
         split = "test" if "test" in evaluations else sorted(evaluations)[0]
         result = evaluations[split]
         if isinstance(result, dict):

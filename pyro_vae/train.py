@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
@@ -20,13 +19,14 @@ from torch.optim import Adam
 from tqdm.auto import tqdm
 
 from .callbacks import Callback
-from .checkpoint import CheckpointError, atomic_write, read_payload, save_checkpoint
+from .checkpoint import save_checkpoint
 from .data import Dataset
 from .distributed import ELBOLoss, Replica
 from .evaluate import elbo as elbo_per_point
 from .model import VAE
 from .objectives import OBJECTIVES, FreeBits_ELBO, check_gradient_estimator, make_objective
 from .resume import LAST, Progress, get_rng_state, load_training_state, save_training_state
+from .run_dir import RunDir, write_metrics
 from .schedules import LR_SCHEDULES, kl_weight, learning_rate, patience_exhausted
 from .validation import check_instance, check_memory, check_positive_int, check_seed
 
@@ -46,8 +46,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.csv"
+CHECKPOINT = RunDir.CHECKPOINT
+METRICS = RunDir.METRICS
 
 
 _REMEDY = (
@@ -264,13 +264,17 @@ def _valid_elbo(
     batch_size: int,
     replica: Replica,
     condition: Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> float:
+    """Mean one-draw ELBO of the images x ``(N, P)`` as stored; each batch becomes
+    ``dtype`` (default: x's) as it is scored, so uint8 images are never all floats at once."""
     vae.eval()
-    total = x.new_zeros(())
+    dtype = dtype or x.dtype
+    total = x.new_zeros((), dtype=dtype)
     shard = replica.shard(x)
     conditions = [None] * shard.shape[0] if condition is None else replica.shard(condition)
     for start in range(0, shard.shape[0], batch_size):
-        batch = shard[start : start + batch_size]
+        batch = shard[start : start + batch_size].to(dtype)
         c = None if condition is None else conditions[start : start + batch_size]
         total += elbo_per_point(vae, batch, condition=c).sum()
     vae.train()
@@ -321,7 +325,7 @@ def fit(
         run_dir.mkdir(parents=True, exist_ok=True)
     device = vae.prior_loc.device
     data = data.to(device)  # once: every minibatch is then indexed on the device
-    valid = data.split("valid")  # as floats, once for every epoch's validation
+    valid = data.valid  # as stored (uint8 for binary pixels); floats one batch at a time
     elbo_loss = ELBOLoss(vae, make_loss(config, vae))
     loss_fn = replica.wrap(elbo_loss)
     optimizer = make_optimizer(loss_fn.parameters(), config.lr, device)
@@ -329,7 +333,7 @@ def fit(
     state = Progress()
     if resume:
         state = _restore(source, vae, optimizer, generator, config, replica)
-    steps = replica.num_batches(data.train.shape[0], config.batch_size)
+    steps = replica.num_batches(data.num_train, config.batch_size)
     callbacks = tuple(callbacks) if replica.is_main else ()
     for callback in callbacks:
         callback.on_fit_start(vae, steps)
@@ -376,10 +380,8 @@ def _saved_epoch(run_dir: Path | None, recorded: int) -> int:
     """
     if run_dir is None:
         return recorded
-    try:
-        return int(read_payload(run_dir / LAST)["epoch"])
-    except (CheckpointError, KeyError, TypeError, ValueError):
-        return recorded
+    saved = RunDir(run_dir).saved_epoch()
+    return recorded if saved is None else saved
 
 
 def _start_epoch(
@@ -427,11 +429,11 @@ def _check_fit_args(
         f"a step of num_particles {config.num_particles} x batch_size {config.batch_size}",
         16 * config.num_particles * config.batch_size * per_draw,
     )
-    vae.config.check_data(data.split("valid"), data.pixels, "the validation images")
-    if config.batch_size > data.train.shape[0]:
+    vae.config.check_data(data.valid, data.pixels, "the validation images")
+    if config.batch_size > data.num_train:
         raise ValueError(
             f"batch_size {config.batch_size} is larger than the training set "
-            f"({data.train.shape[0]} images)"
+            f"({data.num_train} images)"
         )
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir that holds last.pt")
@@ -475,13 +477,14 @@ def _restore(
 ) -> Progress:
     """Load ``last.pt`` into the model, optimizer and this rank's random streams; returns the
     progress. Every rank reads the file; rank 0 also rewrites ``metrics.csv``."""
+    folder = RunDir(run_dir)
     state = load_training_state(
-        run_dir / LAST, vae, optimizer, generator, config, replica.rank, replica.world_size
+        folder.last, vae, optimizer, generator, config, replica.rank, replica.world_size
     )
     for group in optimizer.param_groups:  # a resumed run may lower the learning rate
         group["lr"] = config.lr
     if replica.is_main:  # drops the row of an epoch lost in a crash
-        write_metrics(run_dir / METRICS, state.history)
+        folder.write_metrics(state.history)
     return state
 
 
@@ -507,7 +510,9 @@ def _run_epoch(
     )
     try:
         condition = one_hot_labels(vae, data, "valid")
-        valid_elbo = _valid_elbo(vae, valid, config.batch_size, replica, condition)
+        valid_elbo = _valid_elbo(
+            vae, valid, config.batch_size, replica, condition, data.float_dtype
+        )
     except ValueError as error:
         raise _invalid_parameters(error, f"epoch {epoch}, validation") from None
     if not math.isfinite(valid_elbo):
@@ -550,20 +555,21 @@ def _end_epoch(
         rank_states = replica.gather(get_rng_state(generator))
     if run_dir is None:
         return new
+    folder = RunDir(run_dir)
     try:
-        write_metrics(run_dir / METRICS, new.history)
+        folder.write_metrics(new.history)
         if best_epoch == row["epoch"]:
             save_checkpoint(
-                run_dir / CHECKPOINT,
+                folder.checkpoint,
                 vae,
                 epoch=best_epoch,
                 valid_elbo=best,
                 train_config=asdict(config),
             )
-        save_training_state(run_dir / LAST, vae, optimizer, generator, config, new, rank_states)
+        save_training_state(folder.last, vae, optimizer, generator, config, new, rank_states)
     except OSError as error:
         try:  # the metrics of the epochs last.pt holds, if anything can still be written
-            write_metrics(run_dir / METRICS, state.history)
+            folder.write_metrics(state.history)
         except OSError:
             pass
         kept = f"epoch {state.epoch}" if state.epoch else "no epoch"
@@ -596,7 +602,7 @@ def train_epoch(
     """
     bar = bar if bar is not None else tqdm(disable=True)
     replica = replica or Replica()
-    num_data = data.train.shape[0]
+    num_data = data.num_train
     total, seen = torch.zeros((), device=data.train.device), 0
     params = [p for group in optimizer.param_groups for p in group["params"]]
     window: list[Tensor] = []  # loss (and gradient norm) of each step since the last check
@@ -704,16 +710,3 @@ def _invalid_parameters(error: ValueError, when: str) -> Exception:
         f"training diverged at {when}: NaN/inf in a distribution "
         f"parameter ({where.removeprefix('Expected parameter ')}); {_REMEDY}"
     )
-
-
-def write_metrics(path: str | Path, history: list[dict[str, Any]]) -> None:
-    """Atomically (re)write ``metrics.csv`` with one row per epoch of ``history``."""
-    fields = list(dict.fromkeys(key for row in history for key in row))
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(history)
-
-    atomic_write(path, write)

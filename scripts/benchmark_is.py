@@ -21,6 +21,7 @@ import torch
 from pyro_vae import VAE, VAEConfig, evaluate, load_checkpoint, load_dataset
 from pyro_vae.cli import data_spec
 from pyro_vae.evaluate import MAX_ELEMENTS
+from pyro_vae.run_dir import RunDir
 
 
 def peak_rss_mib() -> float:
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     x = load_dataset(data_spec(args.data, None)).split("valid")[: args.num_images].clone()
     gc.collect()  # drop the other splits
     if args.run is not None:
-        vae, _ = load_checkpoint(args.run / "checkpoint.pt")
+        vae, _ = load_checkpoint(RunDir(args.run).checkpoint)
     else:
         vae = VAE(VAEConfig(x.shape[1], args.latent_dim, (400,), args.guide))
     before, monitor = rss_mib(), RSSMonitor()

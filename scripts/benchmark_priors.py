@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pyro
@@ -33,7 +34,9 @@ def run_one(
 ) -> dict[str, float | int | str]:
     """Train one VAE with ``prior`` and return its validation IS log p(x) and timings."""
     pyro.set_rng_seed(args.seed)
-    select = Dataset(data.train, data.valid[-args.num_select :], None, data.image_shape)
+    select = replace(
+        data, valid=data.valid[-args.num_select :], test=None, valid_labels=None, test_labels=None
+    )
     config = VAEConfig(
         data.data_dim,
         args.latent_dim,
@@ -100,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = DataSpec("digits") if args.data is None else DataSpec("binarized-mnist", str(args.data))
     data = load_dataset(spec)
     if args.num_train is not None:
-        data = Dataset(data.train[: args.num_train], data.valid, data.test, data.image_shape)
+        data = data.first_train(args.num_train)
     if args.num_select + args.num_eval > data.valid.shape[0]:
         raise SystemExit("--num-select + --num-eval exceed the validation split")
     for prior in args.priors:

@@ -33,6 +33,7 @@ from pyro_vae.cli import main as cli_main
 from pyro_vae.data import DataSpec
 from pyro_vae.guides import GUIDES
 from pyro_vae.presets import PRESETS
+from pyro_vae.run_dir import RunDir
 
 __all__ = ["COLUMNS", "main", "markdown_row"]
 
@@ -89,8 +90,8 @@ def train_command(args: argparse.Namespace, extra: Sequence[str]) -> list[str]:
 
 def score(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """IS NLL, ELBO and gap of the run's best checkpoint on the first validation images."""
-    vae, payload = load_checkpoint(run_dir / "checkpoint.pt")
-    spec = DataSpec(**json.loads((run_dir / "config.json").read_text())["data"])
+    vae, payload = load_checkpoint(RunDir(run_dir).checkpoint)
+    spec = DataSpec(**json.loads(RunDir(run_dir).config.read_text())["data"])
     x = load_dataset(spec).split("valid")[: args.num_points]
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()
@@ -136,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if status != 0:
         return status
     run_dir = Path(command[command.index("--out") + 1])
-    with open(run_dir / "metrics.csv") as handle:
+    with open(RunDir(run_dir).metrics) as handle:
         epochs = sum(1 for _ in handle) - 1
     row = {
         "recipe": args.preset or "flags",

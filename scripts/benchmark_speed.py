@@ -235,7 +235,7 @@ def plain_epoch(
     generator = torch.Generator().manual_seed(config.seed)
 
     def run() -> None:
-        num_data = data.train.shape[0]
+        num_data = data.num_train
         total = torch.zeros((), device=data.train.device)
         order = torch.randperm(num_data, generator=generator).to(data.train.device)
         for index in order.split(config.batch_size):
@@ -273,7 +273,7 @@ def svi_epoch(vae: VAE, data: Dataset, config: TrainConfig) -> Callable[[], None
     generator = torch.Generator().manual_seed(config.seed)
 
     def run() -> None:
-        num_data = data.train.shape[0]
+        num_data = data.num_train
         order = torch.randperm(num_data, generator=generator).to(data.train.device)
         for index in order.split(config.batch_size):
             svi.step(data.train_batch(index), num_data=num_data)
@@ -326,7 +326,7 @@ def time_call(run: Callable[[], None], device: torch.device) -> float:
 def benchmark(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], int]:
     data = load_dataset(data_spec(args.data, None)).to(device)
     if args.steps is not None:
-        data = Dataset(data.train[: args.steps * args.batch_size], data.valid, None, (1, 1))
+        data = data.first_train(args.steps * args.batch_size)
     runs = {}
     for guide in args.guides:
         for variant in args.variants:
@@ -341,7 +341,7 @@ def benchmark(args: argparse.Namespace, device: torch.device) -> tuple[list[dict
         for key, run in runs.items():  # alternate: every variant once per repeat
             times[key].append(time_call(run, device))
         print(f"# {device.type}: repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
-    steps = math.ceil(data.train.shape[0] / args.batch_size)
+    steps = math.ceil(data.num_train / args.batch_size)
     rows = []
     for (guide, variant), values in times.items():
         median = statistics.median(values)

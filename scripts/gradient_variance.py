@@ -30,6 +30,7 @@ import torch
 
 from pyro_vae import VAE, DataSpec, load_checkpoint, load_dataset
 from pyro_vae.objectives import GradientMoments, encoder_gradient_moments
+from pyro_vae.run_dir import RunDir
 
 
 def _table(moments: dict[str, GradientMoments]) -> list[dict[str, object]]:
@@ -179,12 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--snr-out", type=Path, default=None, help="SNR-vs-K plot (PNG)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    config_file = args.run_dir / "config.json"
+    config_file = RunDir(args.run_dir).config
     if not config_file.is_file():
         print(f"gradient_variance: error: {args.run_dir}: no config.json", file=sys.stderr)
         return 2
     run = json.loads(config_file.read_text())
-    vae, _ = load_checkpoint(args.run_dir / "checkpoint.pt")
+    vae, _ = load_checkpoint(RunDir(args.run_dir).checkpoint)
     x = load_dataset(DataSpec(**run["data"])).split(args.split)[: args.num_points]
     moments = {e: _moments(vae, x, args, e) for e in ("pathwise", "score", "stl")}
     rows = _table(moments)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from pyro_vae import VAE, DataSpec, TrainConfig, VAEConfig, fit, load_checkpoint, load_dataset
 from pyro_vae.pictures import save_image_grid
+from pyro_vae.run_dir import RunDir
 
 
 def top_half_mask(image_shape: tuple[int, int]) -> Tensor:
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pyro.set_rng_seed(args.seed)
     data = load_dataset(DataSpec("digits"))
     if args.run_dir is not None:
-        vae, _ = load_checkpoint(args.run_dir / "checkpoint.pt")
+        vae, _ = load_checkpoint(RunDir(args.run_dir).checkpoint)
     else:
         vae = VAE(VAEConfig(data.data_dim, 8, (200,), "diagonal", image_shape=data.image_shape))
         fit(vae, data, TrainConfig(num_epochs=args.epochs, seed=args.seed), progress=False)

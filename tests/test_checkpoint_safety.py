@@ -160,7 +160,7 @@ def test_fault_during_metrics_write_keeps_previous(
             self.handle.write("epoch,valid_")
             raise OSError("disk full (injected)")
 
-    monkeypatch.setattr("pyro_vae.train.csv.DictWriter", Broken)
+    monkeypatch.setattr("pyro_vae.run_dir.csv.DictWriter", Broken)
     with pytest.raises(OSError, match="injected"):
         write_metrics(path, [{"epoch": 1, "valid_elbo": -3.0}, {"epoch": 2, "valid_elbo": -2.0}])
     assert path.read_text() == before and before.splitlines()[0] == "epoch,valid_elbo"

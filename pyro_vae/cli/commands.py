@@ -12,21 +12,22 @@ import torch
 from ..checkpoint import export_model, load_checkpoint
 from ..compare import CompareConfig, compare_guides
 from ..data import load_dataset
-from ..evaluate import evaluate, layer_active_units
 from ..gaps import inference_gaps
 from ..latent_space import save_latent_pictures
 from ..likelihoods import LIKELIHOODS
 from ..pictures import read_metrics, save_curves, save_image_grid
+from ..run_dir import RunDir
 from ..runs import (
+    evaluate_run,
+    format_evaluation,
     format_runs,
+    load_run,
     read_run,
-    record_evaluation,
     stored_data_spec,
     summarize_run,
     write_json,
 )
 from ..train import (
-    CHECKPOINT,
     TrainingDiverged,
     one_hot_labels,
 )
@@ -44,59 +45,18 @@ from .common import (
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    run = read_run(args.run_dir)
-    vae, _ = load_checkpoint(args.run_dir / CHECKPOINT, map_location=device)
-    if args.data is not None:
-        spec = data_spec(args.data, args.binarize, likelihood=vae.config.likelihood)
-    else:
-        spec = stored_data_spec(args.run_dir, run)
-    data = load_dataset(spec)
-    x = data.split(args.split)[: args.num_points]
-    if x.shape[1] != vae.config.data_dim:
-        raise UsageError(
-            f"the data has {x.shape[1]} pixels per image but the checkpoint "
-            f"expects {vae.config.data_dim}"
-        )
-    condition = one_hot_labels(vae, data, args.split)
-    condition = None if condition is None else condition[: args.num_points].to(device)
-    pyro.set_rng_seed(args.seed)
-    result = evaluate(
-        vae,
-        x.to(device),
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        condition=condition,
-        progress=not args.quiet,
-    )
-    extra = {"split": args.split}
-    if len(vae.latent_sites) > 1:
-        extra["layer_active_units"] = layer_active_units(vae, x.to(device))
-    record = {**result.to_dict(), **extra}
-    written = record_evaluation(args.run_dir, record) if args.data is None else None
+    spec = None
+    if args.data is not None:  # other images, scored with the run's likelihood
+        likelihood = load_run(args.run_dir).model.likelihood
+        spec = data_spec(args.data, args.binarize, likelihood=likelihood)
+    record, written = evaluate_run(
+        args.run_dir, args.split, args.num_samples, args.batch_size, args.num_points,
+        args.seed, device, spec, progress=not args.quiet,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(record))
         return 0
-    print(
-        f"{args.split} split, {result.num_points} images, K = {result.num_samples} "
-        "importance samples (nats per image)"
-    )
-    if not vae.likelihood.discrete:
-        print(
-            f"  likelihood {vae.config.likelihood!r} is a density: these are log densities, "
-            "not comparable with log probabilities of discrete data"
-        )
-    layers = [(f"  KL of layer {name}", value) for name, value in result.layer_kl.items()]
-    for label, value in (
-        ("ELBO", result.elbo),
-        ("reconstruction E_q log p(x|z)", result.reconstruction),
-        ("KL(q(z|x) || p(z))", result.kl),
-        *layers,
-        ("IS log p(x)", result.log_likelihood),
-        ("gap log p(x) - ELBO", result.gap),
-    ):
-        print(f"  {label:<32}{value:10.3f}")
-    for name, count in extra.get("layer_active_units", {}).items():
-        print(f"  {'active units of layer ' + name:<32}{count:6d}")
+    print(format_evaluation(record))
     if written is not None:
         print(f"  wrote {written}")
     return 0
@@ -104,7 +64,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     read_run(args.run_dir)
-    vae, _ = load_checkpoint(args.run_dir / CHECKPOINT)
+    vae, _ = load_checkpoint(RunDir(args.run_dir).checkpoint)
     out = args.out or args.run_dir / f"samples-{args.num_images}.png"
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: the picture is written as PNG; use a .png name")
@@ -165,10 +125,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--out {args.out}: already holds a comparison; pass --overwrite or choose another"
         )
-    if args.batch_size > data.train.shape[0]:
+    if args.batch_size > data.num_train:
         raise UsageError(
             f"--batch-size {args.batch_size} is larger than the training set "
-            f"({data.train.shape[0]} images)"
+            f"({data.num_train} images)"
         )
     print(
         f"comparing {', '.join(config.guides)} on {spec.name} with {config.num_seeds} seeds, "
@@ -191,7 +151,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_gaps(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     run = read_run(args.run_dir)
-    vae, _ = load_checkpoint(args.run_dir / CHECKPOINT, map_location=device)
+    vae, _ = load_checkpoint(RunDir(args.run_dir).checkpoint, map_location=device)
     if vae.config.condition_dim:
         raise UsageError(f"{args.run_dir}: gaps takes an unconditional VAE (condition_dim 0)")
     x = load_dataset(stored_data_spec(args.run_dir, run)).split(args.split)[: args.num_points]
@@ -207,7 +167,7 @@ def cmd_gaps(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     result = {**split.to_dict(), "split": args.split}
-    write_json(args.run_dir / "gaps.json", result)
+    write_json(RunDir(args.run_dir).file(RunDir.GAPS), result)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -230,7 +190,7 @@ def cmd_gaps(args: argparse.Namespace) -> int:
 
 def cmd_latent(args: argparse.Namespace) -> int:
     run = read_run(args.run_dir)
-    vae, _ = load_checkpoint(args.run_dir / CHECKPOINT)
+    vae, _ = load_checkpoint(RunDir(args.run_dir).checkpoint)
     data = load_dataset(stored_data_spec(args.run_dir, run))
     x = data.split(args.split)[: args.num_points]
     labels = data.labels(args.split)
@@ -247,7 +207,7 @@ def cmd_latent(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     read_run(args.run_dir)
-    vae, _ = load_checkpoint(args.run_dir / CHECKPOINT)
+    vae, _ = load_checkpoint(RunDir(args.run_dir).checkpoint)
     if args.out_dir.exists() and not args.out_dir.is_dir():
         raise UsageError(f"{args.out_dir}: exists and is not a folder")
     for path in export_model(vae, args.out_dir):

@@ -14,9 +14,8 @@ from ..data import DATASETS, Dataset, DataSpec
 from ..guides import GUIDES, FlowGuide
 from ..likelihoods import LIKELIHOODS
 from ..model import VAEConfig
-from ..resume import LAST
+from ..run_dir import RunDir
 from ..runs import (
-    CONFIG,
     read_run,
 )
 from ..train import (
@@ -117,12 +116,13 @@ def _resume_settings(
         flags = ", ".join("--" + key.replace("_", "-") for key in fixed)
         raise UsageError(
             f"--resume {run_dir}: {flags} cannot change, the run's settings come from "
-            f"{run_dir / CONFIG}; only --epochs, --lr, --clip-norm, --device, --quiet apply"
+            f"{RunDir(run_dir).config}; only --epochs, --lr, --clip-norm, --device, --quiet apply"
         )
-    run = read_run(run_dir)
-    if not (run_dir / LAST).is_file():
+    run, folder = read_run(run_dir), RunDir(run_dir)
+    if not folder.last.is_file():
         raise UsageError(
-            f"--resume {run_dir}: no {LAST} (no epoch finished); start again with --overwrite"
+            f"--resume {run_dir}: no {folder.LAST} (no epoch finished); start again with "
+            "--overwrite"
         )
     try:
         spec, config = DataSpec(**run["data"]), VAEConfig.from_dict(run["model"])
@@ -132,8 +132,9 @@ def _resume_settings(
                 stored["num_epochs" if key == "epochs" else key] = getattr(args, key)
         train_config = TrainConfig(**stored)
     except (KeyError, TypeError, ValueError) as error:
-        raise UsageError(f"{run_dir / CONFIG}: not a usable run configuration ({error})") from None
-    done = read_payload(run_dir / LAST).get("epoch")
+        where = folder.config
+        raise UsageError(f"{where}: not a usable run configuration ({error})") from None
+    done = read_payload(folder.last).get("epoch")
     if not isinstance(done, int) or done >= train_config.num_epochs:
         raise UsageError(
             f"--resume {run_dir}: already trained {done!r} of {train_config.num_epochs} epochs; "

@@ -21,11 +21,10 @@ from ..data import Dataset, load_dataset
 from ..distributed import Replica, init_replica
 from ..likelihoods import LIKELIHOODS
 from ..model import VAE, VAEConfig
-from ..pictures import read_metrics, save_curves
-from ..resume import LAST
+from ..pictures import save_curves
+from ..run_dir import RunDir
 from ..run_folder import PREVIOUS, CommitOnFirstEpoch, RunFolder
 from ..runs import (
-    CONFIG,
     discard_unstarted,
     prepare_run_dir,
     restarted_run,
@@ -33,11 +32,8 @@ from ..runs import (
     run_record,
     save_run_pictures,
     set_aside_old_run,
-    write_json,
 )
 from ..train import (
-    CHECKPOINT,
-    METRICS,
     RunNotWritten,
     TrainConfig,
     TrainingDiverged,
@@ -79,9 +75,9 @@ def _continue_after_restart(args: argparse.Namespace) -> bool:
     elif action == "resume":
         args.resume, args.overwrite = run_dir, False
         if int(os.environ.get("RANK", "0")) == 0:
-            epoch = read_payload(run_dir / LAST).get("epoch")
+            epoch = read_payload(RunDir(run_dir).last).get("epoch")
             print(
-                f"pyro-vae: restarted: continuing {run_dir} from {LAST} (epoch {epoch})",
+                f"pyro-vae: restarted: continuing {run_dir} from {RunDir.LAST} (epoch {epoch})",
                 file=sys.stderr,
             )
     return action == "resume"
@@ -105,10 +101,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         spec, config = data_spec(args.data, args.binarize, likelihood=args.likelihood), None
         train_config = _train_config(args)
     data = load_dataset(spec)
-    if train_config.batch_size > data.train.shape[0]:
+    if train_config.batch_size > data.num_train:
         raise UsageError(
             f"--batch-size {train_config.batch_size} is larger than the training set "
-            f"({data.train.shape[0]} images)"
+            f"({data.num_train} images)"
         )
     if config is None:
         likelihood = LIKELIHOODS[args.likelihood]
@@ -134,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             decoder_input=args.decoder_input,
             condition_dim=_num_classes(data, spec) if args.conditional else 0,
         )
-    config.check_data(data.split("valid"), data.pixels, "the validation images")
+    config.check_data(data.valid, data.pixels, "the validation images")
     if args.tensorboard:
         _require_tensorboard()
     replica, device = init_replica(device)  # under torchrun: join the process group
@@ -159,14 +155,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                     stale.unlink()
             else:
                 set_aside_old_run(folder, args.overwrite)
-                write_json(run_dir / CONFIG, record)
+                RunDir(run_dir).write_record(record)
             more = replica.world_size - 1
             print(
                 f"{'resuming' if resuming else 'training'} a VAE ({_layers(config)}"
                 f"{config.guide} guide, {config.prior} prior, {config.arch} networks, "
                 f"{config.likelihood} likelihood) on "
                 f"{spec.name}: "
-                f"{data.train.shape[0]} train / {data.valid.shape[0]} valid images of "
+                f"{data.num_train} train / {data.valid.shape[0]} valid images of "
                 f"{data.data_dim} pixels, on {device}"
                 + _recipe_words(args, train_config)
                 + (f" and {more} more processes" if more else ""),
@@ -176,11 +172,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             def commit() -> None:  # the new settings are recorded once an epoch ran with them
                 folder.commit()
                 if resuming:
-                    write_json(run_dir / CONFIG, record)
+                    RunDir(run_dir).write_record(record)
 
             callbacks: list[Callback] = [CommitOnFirstEpoch(commit)]
             if args.tensorboard:
-                callbacks.append(TensorBoardCallback(run_dir / "tensorboard", data.split("valid")))
+                board = RunDir(run_dir).tensorboard
+                callbacks.append(TensorBoardCallback(board, data.split("valid")))
             status, history = _train_in_folder(
                 args, vae, data, train_config, folder, replica, callbacks
             )
@@ -200,11 +197,12 @@ def _report_run(
     history: list[dict[str, Any]],
 ) -> int:
     """Pictures and curves of a finished run, and what it wrote, on stdout."""
-    vae, payload = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
+    folder = RunDir(run_dir)
+    vae, payload = load_checkpoint(folder.checkpoint, map_location=device)
     condition = one_hot_labels(vae, data, "valid")
     condition = None if condition is None else condition.to(device)
     pictures = save_run_pictures(vae, data.split("valid").to(device), run_dir, condition)
-    pictures.append(save_curves({run_dir.name: read_metrics(run_dir)}, run_dir / "curves.png"))
+    pictures.append(save_curves({run_dir.name: folder.read_metrics()}, folder.curves))
     early = len(history) < train_config.num_epochs  # only early stopping ends a run sooner
     note = f" (stopped early: patience {train_config.patience})" if early else ""
     if train_config.kl_warmup and len(history) <= train_config.kl_warmup:
@@ -216,7 +214,7 @@ def _report_run(
         f"best valid ELBO {payload['valid_elbo']:.3f} nats at epoch {payload['epoch']} of "
         f"{len(history)}{note}"
     )
-    for path in (run_dir / CONFIG, run_dir / CHECKPOINT, run_dir / LAST, run_dir / METRICS):
+    for path in (folder.config, folder.checkpoint, folder.last, folder.metrics):
         print(f"  wrote {path}")
     for path in pictures:
         print(f"  wrote {path}")
@@ -294,7 +292,7 @@ def _report_stop(
 ) -> int:
     """One line on stderr for a diverged or unwritable (status 1) or interrupted (130) run."""
     run_dir = folder.path
-    started = (run_dir / LAST).exists()
+    started = (RunDir(run_dir).last).exists()
     restored = False if started else _undo_unstarted(folder)
     if isinstance(error, TrainingInterrupted):
         hint = f"; continue with: pyro-vae train --resume {run_dir}" if started else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..validation import check_instance, check_key, check_seed, registrar
+from ..validation import check_instance, check_key, check_positive_int, check_seed, registrar
 
 __all__ = [
     "BINARIZE_MODES",
@@ -171,6 +172,10 @@ class Dataset:
     {0, 1}, except ``train`` when ``dynamic`` is set: it then holds intensities in [0, 1] and
     :meth:`train_batch` draws a fresh binarization. ``levels`` is the number of trials L of
     the view (1 for binary pixels, the largest count for count pixels, None otherwise).
+
+    ``train_rows`` (int64 ``(N_train,)``), when set, names the rows of ``train`` that form
+    the training split: a memory-mapped ``.npy`` file is split without a copy, and each
+    minibatch reads only its own rows. Count training images with :attr:`num_train`.
     """
 
     train: Tensor
@@ -183,6 +188,7 @@ class Dataset:
     test_labels: Tensor | None = None
     levels: int | None = None
     pixels: str = "binary"
+    train_rows: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.pixels not in PIXEL_KINDS:
@@ -193,8 +199,11 @@ class Dataset:
             self.levels = 1
         for name in SPLITS:
             x, labels = getattr(self, name), getattr(self, f"{name}_labels")
-            if labels is not None and (x is None or labels.shape != x.shape[:1]):
-                shape = None if x is None else tuple(x.shape)
+            rows = None if x is None else x.shape[0]
+            if name == "train" and self.train_rows is not None:
+                rows = self.train_rows.shape[0]
+            if labels is not None and (x is None or labels.shape[0] != rows):
+                shape = None if x is None else (rows, x.shape[1])
                 raise DataError(
                     f"{name}_labels of shape {tuple(labels.shape)} do not match images {shape}"
                 )
@@ -204,15 +213,22 @@ class Dataset:
         return self.train.shape[-1]
 
     @property
+    def num_train(self) -> int:
+        """The number of training images."""
+        rows = self.train_rows
+        return self.train.shape[0] if rows is None else rows.shape[0]
+
+    @property
     def float_dtype(self) -> torch.dtype:
         """The dtype :meth:`split` and :meth:`train_batch` return."""
         dtype = self.train.dtype
         return dtype if dtype.is_floating_point else torch.float32
 
     def nbytes(self) -> int:
-        """Bytes the images of every split hold."""
-        splits = (getattr(self, name) for name in SPLITS)
-        return sum(x.numel() * x.element_size() for x in splits if x is not None)
+        """Bytes of the images of every split (of a mapped training split, its rows')."""
+        splits = [getattr(self, name) for name in SPLITS]
+        total = sum(x.numel() * x.element_size() for x in splits[1:] if x is not None)
+        return total + self.num_train * self.data_dim * self.train.element_size()
 
     @property
     def num_classes(self) -> int | None:
@@ -227,6 +243,8 @@ class Dataset:
         x = getattr(self, name)
         if x is None:
             raise DataError(f"this dataset has no {name!r} split; use --split valid")
+        if name == "train" and self.train_rows is not None:
+            x = x[self.train_rows]
         if name == "train" and self.dynamic:
             return torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
         return x.to(self.float_dtype)
@@ -238,18 +256,32 @@ class Dataset:
 
     def train_batch(self, index: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Training images ``(B, P)`` at ``index`` as floats, binarized afresh when dynamic."""
+        if self.train_rows is not None:
+            index = self.train_rows[index]
         x = self.train[index].to(self.float_dtype)
         if self.dynamic:
             u = torch.rand(x.shape, generator=generator, device=x.device)
             return (u < x).to(x.dtype)
         return x
 
+    def first_train(self, num_images: int) -> Dataset:
+        """The same data with only the first ``num_images`` training images (and labels)."""
+        check_positive_int("num_images", num_images)
+        rows = None if self.train_rows is None else self.train_rows[:num_images]
+        train = self.train if rows is not None else self.train[:num_images]
+        labels = None if self.train_labels is None else self.train_labels[:num_images]
+        return replace(self, train=train, train_rows=rows, train_labels=labels)
+
     def to(self, device: torch.device | str) -> Dataset:
-        """A copy with every split and its labels on ``device``."""
+        """A copy with every split and its labels on ``device`` (on the CPU a memory-mapped
+        training split stays mapped; elsewhere only its training rows are moved)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        tensors = {name: move(getattr(self, name)) for name in SPLITS}
-        labels = {f"{name}_labels": move(self.labels(name)) for name in SPLITS}
-        return replace(self, **tensors, **labels)
+        data = self
+        if self.train_rows is not None and torch.device(device).type != "cpu":
+            data = replace(self, train=self.train[self.train_rows], train_rows=None)
+        tensors = {name: move(getattr(data, name)) for name in SPLITS}
+        labels = {f"{name}_labels": move(data.labels(name)) for name in SPLITS}
+        return replace(data, **tensors, **labels, train_rows=move(data.train_rows))
 
 
 def _check_split(name: str) -> None:
@@ -300,12 +332,15 @@ def _finish(
     if len(dims) != 1:
         raise DataError(f"{source}: splits have different pixel counts {sorted(dims)}")
     labels = _check_labels(raw, arrays, source)
-    arrays, labels = _make_splits(arrays, labels, source, spec.seed)
+    arrays, labels, train_rows = _make_splits(arrays, labels, source, spec.seed)
     generator = torch.Generator().manual_seed(spec.seed)
     out = {}
     for name, array in arrays.items():  # in the reader's order: static draws depend on it
-        if array.dtype == np.uint8:  # binary images stored as bytes stay bytes
-            x = torch.from_numpy(np.ascontiguousarray(array))
+        if array.dtype == np.uint8:  # binary images stored as bytes stay bytes (and mapped)
+            with warnings.catch_warnings():  # a read-only map: nothing here writes to it
+                warnings.filterwarnings("ignore", "The given NumPy array is not writ")
+                mapped = isinstance(array, np.memmap)  # (NumPy would copy it to make it C-order)
+                x = torch.from_numpy(array if mapped else np.ascontiguousarray(array)).contiguous()
         else:
             x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
         out[name] = _binarize(x, mode, generator, keep=(mode == "dynamic" and name == "train"))
@@ -322,6 +357,7 @@ def _finish(
         dynamic=(mode == "dynamic"),
         levels=_levels(spec.pixels, reader.levels, out),
         pixels=spec.pixels,
+        train_rows=None if train_rows is None else torch.from_numpy(train_rows),
         **tags,
     )
 
@@ -434,19 +470,29 @@ def _check_label_array(labels: np.ndarray, num_images: int, where: str) -> np.nd
 
 def _make_splits(
     arrays: dict[str, np.ndarray], labels: dict[str, np.ndarray], source: str, seed: int
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Split one ``all`` array 80/10/10 and hold out validation data; labels follow."""
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None]:
+    """Split one ``all`` array 80/10/10 and hold out validation data; labels follow.
+
+    Returns the splits, their labels and the training rows of a memory-mapped ``all``
+    array (whose ``train`` is then the whole map, read lazily), else None.
+    """
+    train_rows = None
     if "all" in arrays:
         index = _split(arrays["all"].shape[0], source, seed)
         images, tags = arrays["all"], labels.get("all")
-        arrays = {name: images[i] for name, i in index.items()}
+        arrays = {name: images[i] for name, i in index.items() if name != "train"}
+        if isinstance(images, np.memmap) and images.dtype == np.uint8:
+            arrays["train"], train_rows = images, index["train"]
+        else:
+            arrays["train"] = images[index["train"]]
+        arrays = {name: arrays[name] for name in index}  # the order of the static draws
         labels = {} if tags is None else {name: tags[i] for name, i in index.items()}
     if "valid" not in arrays:
         valid, train = _hold_out(arrays["train"].shape[0], source, seed)
         arrays["valid"], arrays["train"] = arrays["train"][valid], arrays["train"][train]
         if "train" in labels:
             labels["valid"], labels["train"] = labels["train"][valid], labels["train"][train]
-    return arrays, labels
+    return arrays, labels, train_rows
 
 
 def _split(num_images: int, source: str, seed: int) -> dict[str, np.ndarray]:

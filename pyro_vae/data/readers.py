@@ -158,7 +158,7 @@ class ArrayReader(DatasetReader):
                     "arrays with numpy.save"
                 )
             try:
-                return {"all": np.load(path, allow_pickle=False)}
+                return {"all": np.load(path, mmap_mode="r", allow_pickle=False)}
             except (OSError, ValueError, EOFError) as error:
                 raise DataError(f"{path}: cannot read as .npy ({error})") from None
         if path.suffix != ".npz":
