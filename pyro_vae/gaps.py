@@ -53,6 +53,23 @@ class GapSplit:
             "inference_gap": self.inference_gap,
         }
 
+    def format(self, split: str) -> str:
+        """The lines ``pyro-vae gaps`` prints for this result on ``split``."""
+        lines = [
+            f"{split} split, {self.num_points} images, {self.num_steps} local SVI steps, "
+            f"K = {self.num_samples} (nats per image)"
+        ]
+        for label, value in (
+            ("IS log p(x)", self.log_likelihood),
+            ("ELBO[q*] (local, non-amortized)", self.elbo_local),
+            ("ELBO[q_phi] (amortized)", self.elbo_amortized),
+            ("approximation gap log p - ELBO[q*]", self.approximation_gap),
+            ("amortization gap ELBO[q*] - ELBO[q]", self.amortization_gap),
+            ("inference gap log p - ELBO[q]", self.inference_gap),
+        ):
+            lines.append(f"  {label:<38}{value:10.3f}")
+        return "\n".join(lines)
+
 
 @contextmanager
 def local_offsets(encoder: nn.Module, batch_size: int) -> Iterator[list[nn.Parameter]]:

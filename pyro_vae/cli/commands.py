@@ -10,11 +10,10 @@ import pyro
 import torch
 
 from ..checkpoint import export_model, load_checkpoint
-from ..compare import CompareConfig, compare_guides
+from ..compare import compare_guides
 from ..data import load_dataset
 from ..gaps import inference_gaps
 from ..latent_space import save_latent_pictures
-from ..likelihoods import LIKELIHOODS
 from ..pictures import read_metrics, save_curves, save_image_grid
 from ..run_dir import RunDir
 from ..runs import (
@@ -34,11 +33,10 @@ from ..train import (
 from ..validation import check_memory
 from .arguments import (
     UsageError,
-    _train_config,
 )
 from .common import (
+    compare_config,
     data_spec,
-    guide_options,
     resolve_device,
 )
 
@@ -94,31 +92,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError(f"--preset {args.preset} needs the data: add --data binarized-mnist PATH")
     spec = data_spec(args.data, args.binarize, likelihood=args.likelihood)
     data = load_dataset(spec)
-    likelihood_options = LIKELIHOODS[args.likelihood].options_for_data(
-        dict(args.likelihood_option), data.train, data.levels
-    )
-    config = CompareConfig(
-        guides=args.guides,
-        num_seeds=args.seeds if isinstance(args.seeds, int) else len(args.seeds),
-        seeds=None if isinstance(args.seeds, int) else args.seeds,
-        num_samples=args.num_samples,
-        latent_dim=args.latent_dim,
-        hidden_dims=args.hidden_dims,
-        train=_train_config(args, seed=0),
-        guide_options={key: guide_options(args, key) for key in args.guides},
-        model_options={
-            "arch": args.arch,
-            "arch_options": dict(args.arch_option),
-            "prior": args.prior,
-            "prior_options": dict(args.prior_option),
-            "latent": args.latent,
-            "likelihood": args.likelihood,
-            "likelihood_options": likelihood_options,
-            "latent_dims": args.latent_dims,
-            "inference": args.inference,
-            "decoder_input": args.decoder_input,
-        },
-    )
+    config = compare_config(args, data)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a folder")
     if (args.out / "compare.csv").exists() and not args.overwrite:
@@ -167,24 +141,13 @@ def cmd_gaps(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     result = {**split.to_dict(), "split": args.split}
-    write_json(RunDir(args.run_dir).file(RunDir.GAPS), result)
+    written = RunDir(args.run_dir).file(RunDir.GAPS)
+    write_json(written, result)
     if args.json:
         print(json.dumps(result))
         return 0
-    print(
-        f"{args.split} split, {split.num_points} images, {split.num_steps} local SVI steps, "
-        f"K = {split.num_samples} (nats per image)"
-    )
-    for label, value in (
-        ("IS log p(x)", split.log_likelihood),
-        ("ELBO[q*] (local, non-amortized)", split.elbo_local),
-        ("ELBO[q_phi] (amortized)", split.elbo_amortized),
-        ("approximation gap log p - ELBO[q*]", split.approximation_gap),
-        ("amortization gap ELBO[q*] - ELBO[q]", split.amortization_gap),
-        ("inference gap log p - ELBO[q]", split.inference_gap),
-    ):
-        print(f"  {label:<38}{value:10.3f}")
-    print(f"  wrote {args.run_dir / 'gaps.json'}")
+    print(split.format(args.split))
+    print(f"  wrote {written}")
     return 0
 
 

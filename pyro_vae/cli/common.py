@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import read_payload
+from ..compare import CompareConfig
 from ..data import DATASETS, Dataset, DataSpec
 from ..guides import GUIDES, FlowGuide
 from ..likelihoods import LIKELIHOODS
@@ -26,6 +27,7 @@ from .arguments import (
     UsageError,
     _flow_guides,
     _given_train_options,
+    _train_config,
     build_parser,
 )
 
@@ -158,6 +160,62 @@ def _num_classes(data: Dataset, spec: DataSpec) -> int:
     if data.num_classes is None:
         raise UsageError(f"--conditional needs labels, and dataset {spec.name!r} has none")
     return data.num_classes
+
+
+def model_config(args: argparse.Namespace, data: Dataset, spec: DataSpec) -> VAEConfig:
+    """The VAEConfig that ``train`` (and ``compare``) flags describe for ``data``."""
+    likelihood = LIKELIHOODS[args.likelihood]
+    return VAEConfig(
+        data.data_dim,
+        args.latent_dim,
+        args.hidden_dims,
+        args.guide,
+        guide_options(args),
+        data.image_shape,
+        arch=args.arch,
+        prior=args.prior,
+        prior_options=dict(args.prior_option),
+        latent=args.latent,
+        likelihood=args.likelihood,
+        likelihood_options=likelihood.options_for_data(
+            dict(args.likelihood_option), data.train, data.levels
+        ),
+        arch_options=dict(args.arch_option),
+        latent_dims=args.latent_dims,
+        inference=args.inference,
+        layer_guides=args.layer_guides,
+        decoder_input=args.decoder_input,
+        condition_dim=_num_classes(data, spec) if args.conditional else 0,
+    )
+
+
+def compare_config(args: argparse.Namespace, data: Dataset) -> CompareConfig:
+    """The CompareConfig that ``compare`` flags describe for ``data``."""
+    likelihood_options = LIKELIHOODS[args.likelihood].options_for_data(
+        dict(args.likelihood_option), data.train, data.levels
+    )
+    return CompareConfig(
+        guides=args.guides,
+        num_seeds=args.seeds if isinstance(args.seeds, int) else len(args.seeds),
+        seeds=None if isinstance(args.seeds, int) else args.seeds,
+        num_samples=args.num_samples,
+        latent_dim=args.latent_dim,
+        hidden_dims=args.hidden_dims,
+        train=_train_config(args, seed=0),
+        guide_options={key: guide_options(args, key) for key in args.guides},
+        model_options={
+            "arch": args.arch,
+            "arch_options": dict(args.arch_option),
+            "prior": args.prior,
+            "prior_options": dict(args.prior_option),
+            "latent": args.latent,
+            "likelihood": args.likelihood,
+            "likelihood_options": likelihood_options,
+            "latent_dims": args.latent_dims,
+            "inference": args.inference,
+            "decoder_input": args.decoder_input,
+        },
+    )
 
 
 def _recipe_words(args: argparse.Namespace, config: TrainConfig) -> str:

@@ -17,9 +17,8 @@ import torch
 
 from ..callbacks import Callback, TensorBoardCallback
 from ..checkpoint import load_checkpoint, read_payload
-from ..data import Dataset, load_dataset
+from ..data import Dataset, DataSpec, load_dataset
 from ..distributed import Replica, init_replica
-from ..likelihoods import LIKELIHOODS
 from ..model import VAE, VAEConfig
 from ..pictures import save_curves
 from ..run_dir import RunDir
@@ -48,13 +47,12 @@ from .arguments import (
 )
 from .common import (
     _layers,
-    _num_classes,
     _one_line,
     _recipe_words,
     _require_tensorboard,
     _resume_settings,
     data_spec,
-    guide_options,
+    model_config,
     resolve_device,
 )
 
@@ -86,50 +84,14 @@ def _continue_after_restart(args: argparse.Namespace) -> bool:
 def cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     restarted = _continue_after_restart(args)
-    resuming = args.resume is not None
-    if resuming:
-        main_process = int(os.environ.get("RANK", "0")) == 0
-        if main_process and (args.resume / PREVIOUS).is_dir():  # a killed overwrite: settle it
-            with run_folder(args.resume):
-                pass
-        spec, config, train_config = _resume_settings(args, check_flags=not restarted)
-    else:
-        if args.data is None:
-            raise UsageError(
-                f"--preset {args.preset} needs the data: add --data binarized-mnist PATH"
-            )
-        spec, config = data_spec(args.data, args.binarize, likelihood=args.likelihood), None
-        train_config = _train_config(args)
+    spec, config, train_config = _settings(args, restarted)
     data = load_dataset(spec)
     if train_config.batch_size > data.num_train:
         raise UsageError(
             f"--batch-size {train_config.batch_size} is larger than the training set "
             f"({data.num_train} images)"
         )
-    if config is None:
-        likelihood = LIKELIHOODS[args.likelihood]
-        config = VAEConfig(
-            data.data_dim,
-            args.latent_dim,
-            args.hidden_dims,
-            args.guide,
-            guide_options(args),
-            data.image_shape,
-            arch=args.arch,
-            prior=args.prior,
-            prior_options=dict(args.prior_option),
-            latent=args.latent,
-            likelihood=args.likelihood,
-            likelihood_options=likelihood.options_for_data(
-                dict(args.likelihood_option), data.train, data.levels
-            ),
-            arch_options=dict(args.arch_option),
-            latent_dims=args.latent_dims,
-            inference=args.inference,
-            layer_guides=args.layer_guides,
-            decoder_input=args.decoder_input,
-            condition_dim=_num_classes(data, spec) if args.conditional else 0,
-        )
+    config = config or model_config(args, data, spec)
     config.check_data(data.valid, data.pixels, "the validation images")
     if args.tensorboard:
         _require_tensorboard()
@@ -138,55 +100,91 @@ def cmd_train(args: argparse.Namespace) -> int:
     vae = VAE(config).to(device)  # guide options are checked here, before the folder exists
     check_compilable(train_config, vae)
     pyro.set_rng_seed(train_config.seed + replica.rank)  # then each rank draws its own noise
-    if resuming:
-        run_dir, created = args.resume, False
-    else:
+    run_dir, created = args.resume, False
+    if args.resume is None:
         run_dir, created = prepare_run_dir(
             args.out, spec, args.guide, args.overwrite, replica.is_main
         )
     folder = run_folder(run_dir)
     if not replica.is_main:
         return _train_in_folder(args, vae, data, train_config, folder, replica, [])[0] or 0
-    record = run_record(config, train_config, spec, getattr(args, "argv", None))
     try:
-        with folder:  # one writer: refused while another live process trains here
-            if resuming:
-                for stale in run_dir.glob(".*.tmp"):  # left by a writer killed before its rename
-                    stale.unlink()
-            else:
-                set_aside_old_run(folder, args.overwrite)
-                RunDir(run_dir).write_record(record)
-            more = replica.world_size - 1
-            print(
-                f"{'resuming' if resuming else 'training'} a VAE ({_layers(config)}"
-                f"{config.guide} guide, {config.prior} prior, {config.arch} networks, "
-                f"{config.likelihood} likelihood) on "
-                f"{spec.name}: "
-                f"{data.num_train} train / {data.valid.shape[0]} valid images of "
-                f"{data.data_dim} pixels, on {device}"
-                + _recipe_words(args, train_config)
-                + (f" and {more} more processes" if more else ""),
-                file=sys.stderr,
-            )
-
-            def commit() -> None:  # the new settings are recorded once an epoch ran with them
-                folder.commit()
-                if resuming:
-                    RunDir(run_dir).write_record(record)
-
-            callbacks: list[Callback] = [CommitOnFirstEpoch(commit)]
-            if args.tensorboard:
-                board = RunDir(run_dir).tensorboard
-                callbacks.append(TensorBoardCallback(board, data.split("valid")))
-            status, history = _train_in_folder(
-                args, vae, data, train_config, folder, replica, callbacks
-            )
-            if status is not None:
-                return status
-            return _report_run(run_dir, data, device, train_config, history)
+        return _train_as_main(args, vae, data, spec, train_config, folder, replica, device)
     finally:
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
+
+
+def _settings(
+    args: argparse.Namespace, restarted: bool
+) -> tuple[DataSpec, VAEConfig | None, TrainConfig]:
+    """The data, model (None: built from the flags once the data are known) and training
+    settings: a resumed run's own, or the command line's."""
+    if args.resume is None:
+        if args.data is None:
+            raise UsageError(
+                f"--preset {args.preset} needs the data: add --data binarized-mnist PATH"
+            )
+        spec = data_spec(args.data, args.binarize, likelihood=args.likelihood)
+        return spec, None, _train_config(args)
+    if int(os.environ.get("RANK", "0")) == 0 and (args.resume / PREVIOUS).is_dir():
+        with run_folder(args.resume):  # a killed overwrite: settle it
+            pass
+    return _resume_settings(args, check_flags=not restarted)
+
+
+def _train_as_main(
+    args: argparse.Namespace,
+    vae: VAE,
+    data: Dataset,
+    spec: DataSpec,
+    train_config: TrainConfig,
+    folder: RunFolder,
+    replica: Replica,
+    device: torch.device,
+) -> int:
+    """Rank 0: take the folder's lock, record the run, train, report."""
+    resuming, run = args.resume is not None, RunDir(folder.path)
+    record = run_record(vae.config, train_config, spec, getattr(args, "argv", None))
+    with folder:  # one writer: refused while another live process trains here
+        if resuming:
+            for stale in run.path.glob(".*.tmp"):  # left by a writer killed before its rename
+                stale.unlink()
+        else:
+            set_aside_old_run(folder, args.overwrite)
+            run.write_record(record)
+        more = replica.world_size - 1
+        print(
+            f"{'resuming' if resuming else 'training'} {_model_words(vae.config)} on "
+            f"{spec.name}: {data.num_train} train / {data.valid.shape[0]} valid images of "
+            f"{data.data_dim} pixels, on {device}"
+            + _recipe_words(args, train_config)
+            + (f" and {more} more processes" if more else ""),
+            file=sys.stderr,
+        )
+
+        def commit() -> None:  # the new settings are recorded once an epoch ran with them
+            folder.commit()
+            if resuming:
+                run.write_record(record)
+
+        callbacks: list[Callback] = [CommitOnFirstEpoch(commit)]
+        if args.tensorboard:
+            callbacks.append(TensorBoardCallback(run.tensorboard, data.split("valid")))
+        status, history = _train_in_folder(
+            args, vae, data, train_config, folder, replica, callbacks
+        )
+        if status is not None:
+            return status
+        return _report_run(run.path, data, device, train_config, history)
+
+
+def _model_words(config: VAEConfig) -> str:
+    """``"a VAE (diagonal guide, standard prior, mlp networks, bernoulli likelihood)"``."""
+    return (
+        f"a VAE ({_layers(config)}{config.guide} guide, {config.prior} prior, "
+        f"{config.arch} networks, {config.likelihood} likelihood)"
+    )
 
 
 def _report_run(
