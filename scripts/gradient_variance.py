@@ -149,7 +149,7 @@ def _plot_snr(tables: dict[int, list[dict[str, object]]], path: Path) -> None:
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K (importance samples per image)")
     ax.set_ylabel("mean per-element SNR |E g| / sd(g)")
-    ax.set_title("Encoder gradient SNR of the IWAE bound (thin: one parameter tensor)")
+    ax.set_title("Encoder gradient SNR of the IWAE bound\n(thin lines: one parameter tensor each)")
     ax.legend()
     figure.savefig(path, format="png", dpi=120)
 
