@@ -38,6 +38,7 @@ from ..train import (
     TrainingDiverged,
     TrainingInterrupted,
     check_compilable,
+    compiles_loss,
     fit,
     one_hot_labels,
 )
@@ -157,7 +158,8 @@ def _train_as_main(
         print(
             f"{'resuming' if resuming else 'training'} {_model_words(vae.config)} on "
             f"{spec.name}: {data.num_train} train / {data.valid.shape[0]} valid images of "
-            f"{data.data_dim} pixels, on {device}"
+            f"{data.data_dim} pixels, on {device}, "
+            + ("compiled loss" if compiles_loss(train_config, vae) else "eager loss")
             + _recipe_words(args, train_config)
             + (f" and {more} more processes" if more else ""),
             file=sys.stderr,
