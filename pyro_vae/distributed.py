@@ -65,6 +65,7 @@ class ELBOLoss(nn.Module):
         self._weighted_guide = _weighted(vae.guide, self._sites)
         self._param_state: dict | None = None
         self._traced: set[tuple] = set()  # the keys of the compiled graphs
+        self._beta_cache: tuple[tuple, Tensor] | None = None
 
     def forward(
         self,
@@ -86,7 +87,7 @@ class ELBOLoss(nn.Module):
         # tensors enter the compiled graph as inputs; other arguments are fixed in it
         names = tuple(name for name in ("subsample", "condition") if name in kwargs)
         tensors = tuple(kwargs.pop(name) for name in names)
-        beta = torch.tensor(float(self.beta), dtype=x.dtype, device=x.device)
+        beta = self._beta_tensor(x)
         kwargs["tensor_names"] = names
         kwargs["batch_size"] = x.shape[0]  # one compiled graph per batch size
         # the compiled graph reads parameters from the param store: give it this VAE's own
@@ -113,6 +114,14 @@ class ELBOLoss(nn.Module):
         # (pyro 1.9) returns loss + (surrogate - surrogate.detach()), which doubles the
         # gradient of every reparameterized site
         return loss.detach() + (surrogate - surrogate.detach())
+
+    def _beta_tensor(self, x: Tensor) -> Tensor:
+        """``beta`` as a 0-dim tensor of x's dtype and device, made once per value (a new
+        tensor on a GPU each step would copy from the host each step)."""
+        key = (float(self.beta), x.dtype, x.device)
+        if self._beta_cache is None or self._beta_cache[0] != key:
+            self._beta_cache = (key, torch.tensor(key[0], dtype=x.dtype, device=x.device))
+        return self._beta_cache[1]
 
 
 def _weighted(program: Callable[..., Any], sites: Sequence[str]) -> Callable[..., Any]:
