@@ -104,9 +104,11 @@ class ELBOLoss(nn.Module):
             self._param_state = state
             args = (self._weighted_model, self._weighted_guide, x, beta, *tensors)
             key = (len(tensors), *sorted(kwargs.items()))
-            if key not in self._traced:  # tracing runs the program twice more: with the noise
-                devices = [x.device] if x.device.type == "cuda" else []  # of this step restored,
-                with torch.random.fork_rng(devices):  # the compiled run draws what eager would
+            if key not in self._traced:
+                # tracing runs the program twice more (the param capture, the trace): with the
+                # random state restored after it, the compiled step draws what eager would
+                devices = [x.device] if x.device.type == "cuda" else []
+                with torch.random.fork_rng(devices):
                     self.elbo.loss_and_surrogate_loss(*args, **kwargs)
                 self._traced.add(key)
             loss, surrogate = self.elbo.loss_and_surrogate_loss(*args, **kwargs)

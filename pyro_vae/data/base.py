@@ -339,8 +339,7 @@ def _finish(
         if array.dtype == np.uint8:  # binary images stored as bytes stay bytes (and mapped)
             with warnings.catch_warnings():  # a read-only map: nothing here writes to it
                 warnings.filterwarnings("ignore", "The given NumPy array is not writ")
-                mapped = isinstance(array, np.memmap)  # (NumPy would copy it to make it C-order)
-                x = torch.from_numpy(array if mapped else np.ascontiguousarray(array)).contiguous()
+                x = torch.from_numpy(np.ascontiguousarray(array))  # a C-order map: no copy
         else:
             x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
         out[name] = _binarize(x, mode, generator, keep=(mode == "dynamic" and name == "train"))
