@@ -229,7 +229,11 @@ def compiles_loss(config: TrainConfig, vae: VAE | None = None) -> bool:
 def check_compilable(config: TrainConfig, vae: VAE) -> None:
     """Raise ValueError when ``config.jit`` is True and a part of ``vae`` is not traceable."""
     if config.jit and not vae.traceable:
-        parts = {type(m).__name__ for m in vae.modules() if not getattr(m, "traceable", True)}
+        parts = {
+            type(m).__name__
+            for m in vae.modules()
+            if m is not vae and not getattr(m, "traceable", True)
+        }
         raise ValueError(
             f"jit=True cannot compile this VAE: {', '.join(sorted(parts))} is not traceable; "
             "leave jit unset (compiled where possible) or turn it off"

@@ -180,7 +180,7 @@ def test_the_default_compiles_wherever_it_applies() -> None:
     assert not compiles_loss(TrainConfig(), sphere) and compiles_loss(TrainConfig(jit=True))
     data = Dataset(torch.bernoulli(torch.full((8, 5), 0.5)), torch.ones(4, 5), None, (1, 5))
     fit(sphere, data, TrainConfig(num_epochs=1, batch_size=4), progress=False)  # eager
-    with pytest.raises(ValueError, match="VonMisesFisherGuide is not traceable"):
+    with pytest.raises(ValueError, match="compile this VAE: VonMisesFisherGuide is not"):
         fit(sphere, data, TrainConfig(num_epochs=1, batch_size=4, jit=True), progress=False)
 
 
