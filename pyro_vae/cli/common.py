@@ -163,7 +163,7 @@ def _num_classes(data: Dataset, spec: DataSpec) -> int:
 
 
 def model_config(args: argparse.Namespace, data: Dataset, spec: DataSpec) -> VAEConfig:
-    """The VAEConfig that ``train`` (and ``compare``) flags describe for ``data``."""
+    """The VAEConfig that ``train`` flags describe for ``data``."""
     likelihood = LIKELIHOODS[args.likelihood]
     return VAEConfig(
         data.data_dim,
