@@ -17,12 +17,14 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .data import DataSpec
+from .checkpoint import load_checkpoint
+from .data import DataSpec, load_dataset
+from .evaluate import evaluate, layer_active_units
 from .model import VAE, VAEConfig
 from .pictures import save_image_grid
 from .run_dir import RunDir, RunError, read_config_file, write_json
 from .run_folder import RunFolder
-from .train import TrainConfig
+from .train import TrainConfig, one_hot_labels
 
 __all__ = [
     "CONFIG",
@@ -354,11 +356,6 @@ def evaluate_run(
     ``data`` evaluates on other images of the same shape; without it the run's own data are
     used and the record is kept in ``eval.json``. Returns the record and that file (or None).
     """
-    from .checkpoint import load_checkpoint
-    from .data import load_dataset
-    from .evaluate import evaluate, layer_active_units
-    from .train import one_hot_labels
-
     folder = RunDir(run_dir)
     record = folder.read_record()
     vae, _ = load_checkpoint(folder.checkpoint, map_location=device)
