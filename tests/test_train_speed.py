@@ -193,3 +193,29 @@ def test_the_start_line_says_whether_the_loss_is_compiled(
     for extra, words in (([], "compiled loss"), (["--no-jit"], "eager loss")):
         assert main([*base, *extra, "--out", str(tmp_path / words.split()[0])]) == 0
         assert f"on cpu, {words}" in capsys.readouterr().err.splitlines()[0]
+
+
+def test_the_start_line_names_the_objective_and_estimator(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    np.save(tmp_path / "tiny.npy", (np.random.default_rng(0).random((40, 5)) < 0.5).astype(float))
+    base = ["train", "--data", str(tmp_path / "tiny.npy"), "--guide", "diagonal", "--epochs", "1"]
+    base += ["--batch-size", "8", "--latent-dim", "2", "--hidden-dims", "4", "--quiet"]
+    cases = (
+        (
+            ["--objective", "iwae", "--num-particles", "3", "--gradient-estimator", "dreg"],
+            ", IWAE bound with K = 3, DReG gradient",
+        ),
+        (
+            ["--num-particles", "2", "--gradient-estimator", "stl"],
+            ", ELBO with 2 draws, STL gradient",
+        ),
+        (["--objective", "meanfield"], ", mean-field ELBO"),
+        (["--free-bits", "0.5"], ", free bits 0.5 nats per layer"),
+    )
+    for number, (extra, words) in enumerate(cases):
+        assert main([*base, *extra, "--out", str(tmp_path / str(number))]) == 0
+        line = capsys.readouterr().err.splitlines()[0]
+        assert line.endswith(words), line
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert capsys.readouterr().err.splitlines()[0].endswith("compiled loss")

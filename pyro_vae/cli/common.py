@@ -218,11 +218,29 @@ def compare_config(args: argparse.Namespace, data: Dataset) -> CompareConfig:
     )
 
 
+#: How the start line names each objective.
+_OBJECTIVE_WORDS = {"elbo": "ELBO", "meanfield": "mean-field ELBO", "iwae": "IWAE bound"}
+#: How the start line names each gradient estimator other than the pathwise one.
+_ESTIMATOR_WORDS = {"stl": "STL", "dreg": "DReG"}
+
+
 def _recipe_words(args: argparse.Namespace, config: TrainConfig) -> str:
-    """``", preset mnist-vamp, KL warm-up over 30 epochs"`` (empty when neither is set)."""
+    """``", preset mnist-iwae, IWAE bound with K = 50, DReG gradient"``: the preset and what
+    differs from a one-draw ELBO with the pathwise gradient (empty when nothing does)."""
     words = ""
     if getattr(args, "preset", None):
         words += f", preset {args.preset}"
+    if config.objective != "elbo" or config.num_particles > 1:
+        words += f", {_OBJECTIVE_WORDS.get(config.objective, config.objective)}"
+        if config.objective == "iwae":
+            words += f" with K = {config.num_particles}"
+        elif config.num_particles > 1:
+            words += f" with {config.num_particles} draws"
+    if config.gradient_estimator != "pathwise":
+        estimator = config.gradient_estimator
+        words += f", {_ESTIMATOR_WORDS.get(estimator, estimator)} gradient"
+    if config.free_bits:
+        words += f", free bits {config.free_bits:g} nats per layer"
     if config.kl_warmup:
         words += f", KL warm-up over {config.kl_warmup} epochs"
     return words
