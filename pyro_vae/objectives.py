@@ -13,11 +13,17 @@ from pyro import poutine
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.util import get_dependent_plate_dims, is_identically_zero, torch_item, torch_sum
+from pyro.infer.util import (
+    get_dependent_plate_dims,
+    is_identically_zero,
+    is_validation_enabled,
+    torch_item,
+    torch_sum,
+)
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
-from pyro.util import warn_if_nan
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
 from torch import Tensor
 from torch.distributions import (
     Independent,
@@ -118,30 +124,34 @@ class IWAE_ELBO(RenyiELBO):  # noqa: N801 (Pyro's naming)
         """-L_K (a scalar tensor) with the model and guide traces it came from."""
         model_trace, guide_trace = next(self._get_traces(model, guide, args, kwargs))
         sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
-        log_w, scales = 0.0, set()
-        for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+        sums, scales = [0.0, 0.0], set()  # log p(x, z) and log q(z|x), each (K, B)
+        for index, trace in enumerate((model_trace, guide_trace)):
             for site in trace.nodes.values():
                 if site["type"] != "sample":
                     continue
-                if sign < 0 and not site["fn"].has_rsample:
+                if index and not site["fn"].has_rsample:
                     raise ValueError(f"IWAE needs a reparameterized guide; site {site['name']!r}")
                 log_p = scale_and_mask(site["unscaled_log_prob"], mask=site["mask"])
-                log_w = log_w + sign * torch_sum(log_p, sum_dims)
+                sums[index] = sums[index] + torch_sum(log_p, sum_dims)
                 scales.add(float(site["scale"]))
+        log_p, log_q = sums
+        log_w = log_p - log_q
         if is_identically_zero(log_w):
             return torch.zeros(()), model_trace, guide_trace
         if len(scales) != 1:
             raise ValueError(f"IWAE needs one common subsampling scale, got {sorted(scales)}")
         if self.num_particles == 1:
-            log_w = log_w.unsqueeze(0)
+            log_w, log_p, log_q = (torch.as_tensor(t).unsqueeze(0) for t in (log_w, log_p, log_q))
         bound = torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)
-        bound = self._gradient_bound(bound, log_w, model_trace, guide_trace, sum_dims)
+        bound = self._gradient_bound(bound, log_p, log_q, model_trace, guide_trace, sum_dims)
         return -bound.sum() * scales.pop(), model_trace, guide_trace
 
     def _gradient_bound(
-        self, bound: Tensor, log_w: Tensor, model_trace: Trace, guide_trace: Trace, sum_dims: list
-    ) -> Tensor:
-        """The bound per datapoint ``(B,)`` whose gradient is the estimator's (here: its own)."""
+        self, bound: Tensor, log_p: Tensor, log_q: Tensor, model_trace: Trace,
+        guide_trace: Trace, sum_dims: list,
+    ) -> Tensor:  # fmt: skip
+        """The bound per datapoint ``(B,)`` whose gradient is the estimator's (here: its own),
+        from log p(x, z) and log q(z|x), each ``(K, B)``."""
         return bound
 
     def differentiable_loss(
@@ -260,12 +270,10 @@ def _score_at_fixed_draws(
     args: tuple,
     kwargs: dict,
     sites: dict[str, dict],
-    model: Callable | None = None,
-    model_sites: dict[str, dict] | None = None,
 ) -> None:
     r"""Store in each of ``sites`` its log q(z) re-scored with z held fixed: site[_FIXED].
 
-    Re-runs ``guide`` (and ``model``) with every draw of ``draws`` (the unpruned guide trace)
+    Re-runs ``guide`` with every draw of ``draws`` (the unpruned guide trace)
     replayed detached, so each site's log density at its own value is a function of the
     parameters only, with every z, also the z a later layer is conditioned on, held fixed:
     its gradient is the score term :math:`\partial_\phi \log q_\phi(z)|_z`. The guide's
@@ -284,12 +292,6 @@ def _score_at_fixed_draws(
                 f"given z, and its {_describe(twin['fn'])} scores only its own draws (no "
                 "analytic inverse); use gradient_estimator 'pathwise'"
             ) from error
-    if model is None:
-        return
-    fixed_model = poutine.trace(poutine.replay(model, trace=fixed)).get_trace(*args, **kwargs)
-    for name, site in (model_sites or {}).items():
-        twin = fixed_model.nodes[name]
-        site[_FIXED] = twin["fn"].log_prob(twin["value"])
 
 
 def _latent_sites(trace: Trace, estimator: str) -> dict[str, dict]:
@@ -408,16 +410,22 @@ class DReG_IWAE_ELBO(IWAE_ELBO):  # noqa: N801 (Pyro's naming)
     makes the gradient's signal-to-noise ratio fall like 1/sqrt(K) (Rainforth et al. 2018);
     the expectation is the same. The decoder keeps IWAE's
     :math:`\sum_k \tilde w_k \nabla_\theta \log p_\theta(x, z_k)`, and the value is the
-    bound, subsampling scale N/B outside the log-mean-exp as in :class:`IWAE_ELBO`. The
-    surrogate per datapoint is
+    bound, subsampling scale N/B outside the log-mean-exp as in :class:`IWAE_ELBO`.
 
-    .. math:: \sum_k \bot(\tilde w_k^2) \big[\log w_k + \log q_\phi(\bot z_k)
-              - \bot(\cdot)\big] + \sum_k \bot(\tilde w_k - \tilde w_k^2)
-              \log p_\theta(x, \bot z_k)
+    One pass of the model: it reads each draw through a copy :math:`z'_k` whose gradient
+    reaches :math:`z_k` multiplied by :math:`\tilde w_k` (known once the model has run), and
+    the surrogate per datapoint is
 
-    so each step re-runs the guide and the model once at the detached draws. Parameters
-    shared by model and guide get the model part with weight w~ and the path part with w~^2.
-    Guides that score only their own draws (planar, radial, Sylvester) are refused.
+    .. math:: \sum_k \bot(\tilde w_k) \log p_\theta(x, z'_k)
+              - \bot(\tilde w_k^2) \big[\log q_\phi(z_k) - \log q_\phi(\bot z_k)
+              + \bot(\cdot)\big]
+
+    so the decoder's parameters see :math:`\tilde w_k` and every path through z sees
+    :math:`\tilde w_k^2`; the guide alone is re-run at the detached draws for its score term.
+    Parameters shared by model and guide get the model part with weight w~ and the path part
+    with w~^2. Every latent site must lie in the data plate (one weight per particle and
+    datapoint). Guides that score only their own draws (planar, radial, Sylvester) are
+    refused.
 
     References:
         Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives
@@ -427,32 +435,43 @@ class DReG_IWAE_ELBO(IWAE_ELBO):  # noqa: N801 (Pyro's naming)
     def _get_trace(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> tuple[Trace, Trace]:
-        recorder = poutine.trace(guide)
-        model_trace, guide_trace = super()._get_trace(model, recorder, args, kwargs)
-        if torch.is_grad_enabled():
-            model_sites = {
-                name: site
-                for name, site in model_trace.nodes.items()
-                if site["type"] == "sample" and not site_is_subsample(site)
-            }
-            sites = _latent_sites(guide_trace, "dreg")
-            _score_at_fixed_draws(
-                "dreg", guide, recorder.trace, args, kwargs, sites, model, model_sites
-            )
+        if not torch.is_grad_enabled():
+            return super()._get_trace(model, guide, args, kwargs)
+        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        sites = _latent_sites(guide_trace, "dreg")
+        _score_at_fixed_draws("dreg", guide, guide_trace, args, kwargs, sites)
+        weights = _ParticleWeights()
+        draws = weights.scaled_copy(guide_trace, sites)
+        model_trace = poutine.trace(poutine.replay(model, trace=draws), graph_type="flat")
+        model_trace = model_trace.get_trace(*args, **kwargs)
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+        guide_trace = prune_subsample_sites(guide_trace)
+        model_trace = prune_subsample_sites(model_trace)
+        model_trace.compute_log_prob()
+        guide_trace.compute_score_parts()
+        if is_validation_enabled():
+            for site in (*model_trace.nodes.values(), *guide_trace.nodes.values()):
+                if site["type"] == "sample":
+                    check_site_shape(site, self.max_plate_nesting)
+            check_if_enumerated(guide_trace)
+        model_trace.particle_weights = weights  # read by _gradient_bound
         return model_trace, guide_trace
 
     def _gradient_bound(
-        self, bound: Tensor, log_w: Tensor, model_trace: Trace, guide_trace: Trace, sum_dims: list
-    ) -> Tensor:
+        self, bound: Tensor, log_p: Tensor, log_q: Tensor, model_trace: Trace,
+        guide_trace: Trace, sum_dims: list,
+    ) -> Tensor:  # fmt: skip
         if not torch.is_grad_enabled():
             return bound
-        log_q, log_p = (self._fixed_sum(t, sum_dims) for t in (guide_trace, model_trace))
+        score = self._fixed_sum(guide_trace, sum_dims)
         if self.num_particles == 1:
-            log_q, log_p = log_q.unsqueeze(0), log_p.unsqueeze(0)
+            score = score.unsqueeze(0)
+        log_w = log_p - log_q
         weights = torch.softmax(log_w.detach(), dim=0)  # w~_k, (K, B)
-        squared = weights.square()
-        path = log_w + (log_q - log_q.detach())  # gradient: the pathwise part only
-        surrogate = (squared * path + (weights - squared) * log_p).sum(0)
+        model_trace.particle_weights.set(weights, self.num_particles)
+        path_q = log_q - (score - score.detach())  # gradient: the path part of log q only
+        surrogate = (weights * log_p - weights.square() * path_q).sum(0)
         return bound.detach() + (surrogate - surrogate.detach())
 
     @staticmethod
@@ -466,7 +485,49 @@ class DReG_IWAE_ELBO(IWAE_ELBO):  # noqa: N801 (Pyro's naming)
         return total
 
 
-# ---------------------------------------------------------------- gradient estimators
+class _ParticleWeights:
+    """Normalized importance weights w~ ``(K, B)``, set after the model ran, that scale the
+    gradient of each draw the model read (see :class:`DReG_IWAE_ELBO`)."""
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+        self._sites: dict[str, tuple[torch.Size, int]] = {}
+
+    def scaled_copy(self, trace: Trace, sites: dict[str, dict]) -> Trace:
+        """``trace`` for the model to replay: each of ``sites`` holds a copy of its draw whose
+        gradient is multiplied by the weights on its way back to the draw."""
+        out = Trace()
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            value = site["value"]
+            if name in sites and value.requires_grad:
+                event_dim = site["fn"].event_dim
+                self._sites[name] = (value.shape[: value.dim() - event_dim], event_dim)
+                value = value.clone()
+                value.register_hook(self._hook(name))
+            out.add_node(name, **{**site, "value": value})
+        return out
+
+    def set(self, weights: Tensor, num_particles: int) -> None:
+        """Store ``weights`` (K, B); ValueError unless every draw has one per particle and
+        datapoint."""
+        for name, (batch_shape, _) in self._sites.items():
+            expected = weights.shape if num_particles > 1 else weights.shape[1:]
+            if batch_shape != expected:
+                raise ValueError(
+                    f"gradient estimator 'dreg' needs one draw per particle and datapoint; "
+                    f"site {name!r} has batch shape {tuple(batch_shape)}, not {tuple(expected)}"
+                )
+        self.value = weights
+
+    def _hook(self, name: str) -> Callable[[Tensor], Tensor]:
+        batch_shape, event_dim = self._sites[name]
+
+        def scale(grad: Tensor) -> Tensor:
+            return grad * self.value.reshape(batch_shape + (1,) * event_dim)
+
+        return scale
 
 
 class _NoRsample(TorchDistribution):

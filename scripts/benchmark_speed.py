@@ -4,6 +4,7 @@ All variants run in one process and alternate within every repeat, so machine lo
 alike; the table gives median seconds per epoch and the ratio to the plain twin and to the
 textbook VAE (variant ``textbook``, diagonal guide only: the same widths written as the
 usual PyTorch example, analytic KL, BCE with logits and a default ``torch.optim.Adam``).
+Variants ``stl``, ``iwae`` and ``dreg`` time the other objectives and gradient estimators.
 
     python scripts/benchmark_speed.py --data binarized-mnist PATH.npz --latent-dim 50 \
         --hidden-dims 400 --repeats 5
@@ -17,6 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import pyro
 import torch
@@ -33,8 +35,15 @@ from pyro_vae.train import TrainConfig, make_optimizer, train_epoch
 
 #: pyro_vae's own variants are fit()'s epoch under TrainConfig(jit=None) (``default``), True
 #: (``jit``) and False (``eager``; ``local`` adds Pyro's module-local parameters)
-VARIANTS = ("plain", "textbook", "default", "jit", "eager", "local", "svi")
+VARIANTS = ("plain", "textbook", "default", "jit", "eager", "local", "svi", "stl", "iwae", "dreg")
 JIT_OF_VARIANT = {"default": None, "jit": True, "eager": False, "local": False, "svi": False}
+#: fit()'s epoch with another objective or gradient estimator; iwae and dreg draw
+#: ``--num-particles`` z per image
+OBJECTIVE_OF_VARIANT = {
+    "stl": ("elbo", "stl"),
+    "iwae": ("iwae", "pathwise"),
+    "dreg": ("iwae", "dreg"),
+}
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -288,6 +297,12 @@ def build(
     variant: str, guide: str, data: Dataset, args: argparse.Namespace, device: torch.device
 ) -> Callable[[], None] | None:
     config = TrainConfig(batch_size=args.batch_size, jit=JIT_OF_VARIANT.get(variant))
+    if variant in OBJECTIVE_OF_VARIANT:
+        objective, estimator = OBJECTIVE_OF_VARIANT[variant]
+        k = args.num_particles if objective == "iwae" else 1
+        config = replace(
+            config, objective=objective, gradient_estimator=estimator, num_particles=k
+        )
     if variant == "textbook":
         if guide != "diagonal":
             return None
@@ -400,6 +415,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=["plain", "textbook", "default", "jit", "eager"],
         choices=VARIANTS,
     )
+    parser.add_argument("--num-particles", type=int, default=50, help="K of iwae and dreg")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu and cuda if any")
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import ModuleType
+from unittest import mock
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from script_loader import load_script
 
 from pyro_vae import VAE, VAEConfig
+from pyro_vae.data import Dataset
 from pyro_vae.distributed import ELBOLoss
 
 
@@ -100,12 +102,25 @@ def test_textbook_vae_computes_the_elbo_with_analytic_kl(float64: None, bench: M
 def test_benchmark_speed_smoke(bench: ModuleType, capsys: pytest.CaptureFixture) -> None:
     argv = ["--steps", "2", "--repeats", "1", "--latent-dim", "2", "--hidden-dims", "8"]
     argv += ["--guides", "diagonal", "full", "iaf", "--variants", "plain", "textbook", "default"]
-    argv += ["svi"]
+    argv += ["svi", "stl", "iwae", "dreg", "--num-particles", "3"]
     assert bench.main([*argv, "--devices", "cpu", "--threads", "1"]) == 0
     table = capsys.readouterr().out
     assert "| cpu | full | default |" in table and "| cpu | diagonal | plain |" in table
     assert "| cpu | iaf | plain |" in table and "| cpu | diagonal | textbook |" in table
     assert "| cpu | full | textbook |" not in table  # the textbook VAE is diagonal
+    assert all(f"| cpu | full | {variant} |" in table for variant in ("stl", "iwae", "dreg"))
+
+
+def test_benchmark_speed_estimator_variants_train_their_objective(bench: ModuleType) -> None:
+    args = bench.parse_args(["--latent-dim", "2", "--hidden-dims", "8", "--num-particles", "3"])
+    data = Dataset(torch.bernoulli(torch.full((8, 5), 0.5)), torch.ones(4, 5), None, (1, 5))
+    seen = {}
+    for variant in ("stl", "iwae", "dreg"):
+        with mock.patch.object(bench, "pyro_vae_epoch", lambda vae, data, config: config):
+            config = bench.build(variant, "diagonal", data, args, torch.device("cpu"))
+        seen[variant] = (config.objective, config.gradient_estimator, config.num_particles)
+    assert seen == {"stl": ("elbo", "stl", 1), "iwae": ("iwae", "pathwise", 3),
+                    "dreg": ("iwae", "dreg", 3)}  # fmt: skip
 
 
 def test_benchmark_is_smoke(capsys: pytest.CaptureFixture) -> None:
