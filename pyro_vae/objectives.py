@@ -242,16 +242,24 @@ def check_gradient_estimator(objective: str, estimator: str) -> None:
 _FIXED = "log_prob_at_fixed_draw"
 
 
-def _detached(trace: Trace) -> Trace:
-    """The sample sites of ``trace`` (subsample sites too) with their values detached."""
+def _sample_sites(trace: Trace, value_of: Callable[[str, dict], Any]) -> Trace:
+    """The sample sites of ``trace`` (subsample sites too), each with ``value_of(name, site)``
+    as its value: a trace to replay."""
     out = Trace()
     for name, site in trace.nodes.items():
         if site["type"] == "sample":
-            value = site["value"]
-            out.add_node(
-                name, **{**site, "value": value.detach() if torch.is_tensor(value) else value}
-            )
+            out.add_node(name, **{**site, "value": value_of(name, site)})
     return out
+
+
+def _detached(trace: Trace) -> Trace:
+    """The sample sites of ``trace`` (subsample sites too) with their values detached."""
+    return _sample_sites(
+        trace,
+        lambda _, site: (
+            site["value"].detach() if torch.is_tensor(site["value"]) else site["value"]
+        ),
+    )
 
 
 def _describe(fn: dist.Distribution) -> str:
@@ -496,18 +504,17 @@ class _ParticleWeights:
     def scaled_copy(self, trace: Trace, sites: dict[str, dict]) -> Trace:
         """``trace`` for the model to replay: each of ``sites`` holds a copy of its draw whose
         gradient is multiplied by the weights on its way back to the draw."""
-        out = Trace()
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            value = site["value"]
-            if name in sites and value.requires_grad:
-                event_dim = site["fn"].event_dim
-                self._sites[name] = (value.shape[: value.dim() - event_dim], event_dim)
-                value = value.clone()
-                value.register_hook(self._hook(name))
-            out.add_node(name, **{**site, "value": value})
-        return out
+        return _sample_sites(trace, lambda name, site: self._scaled(name, site, sites))
+
+    def _scaled(self, name: str, site: dict, sites: dict[str, dict]) -> Any:  # noqa: ANN401
+        value = site["value"]
+        if name not in sites or not value.requires_grad:
+            return value
+        event_dim = site["fn"].event_dim
+        self._sites[name] = (value.shape[: value.dim() - event_dim], event_dim)
+        value = value.clone()
+        value.register_hook(self._hook(name))
+        return value
 
     def set(self, weights: Tensor, num_particles: int) -> None:
         """Store ``weights`` (K, B); ValueError unless every draw has one per particle and
