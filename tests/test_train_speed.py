@@ -184,12 +184,17 @@ def test_the_default_compiles_wherever_it_applies() -> None:
         fit(sphere, data, TrainConfig(num_epochs=1, batch_size=4, jit=True), progress=False)
 
 
+def _tiny_train_argv(tmp_path: Path) -> list[str]:
+    """``pyro-vae train`` of one quick epoch on 40 random binary images (no --out)."""
+    np.save(tmp_path / "tiny.npy", (np.random.default_rng(0).random((40, 5)) < 0.5).astype(float))
+    base = ["train", "--data", str(tmp_path / "tiny.npy"), "--guide", "diagonal", "--epochs", "1"]
+    return [*base, "--batch-size", "8", "--latent-dim", "2", "--hidden-dims", "4", "--quiet"]
+
+
 def test_the_start_line_says_whether_the_loss_is_compiled(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    np.save(tmp_path / "tiny.npy", (np.random.default_rng(0).random((40, 5)) < 0.5).astype(float))
-    base = ["train", "--data", str(tmp_path / "tiny.npy"), "--guide", "diagonal", "--epochs", "1"]
-    base += ["--batch-size", "8", "--latent-dim", "2", "--hidden-dims", "4", "--quiet"]
+    base = _tiny_train_argv(tmp_path)
     for extra, words in (([], "compiled loss"), (["--no-jit"], "eager loss")):
         assert main([*base, *extra, "--out", str(tmp_path / words.split()[0])]) == 0
         assert f"on cpu, {words}" in capsys.readouterr().err.splitlines()[0]
@@ -198,9 +203,7 @@ def test_the_start_line_says_whether_the_loss_is_compiled(
 def test_the_start_line_names_the_objective_and_estimator(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    np.save(tmp_path / "tiny.npy", (np.random.default_rng(0).random((40, 5)) < 0.5).astype(float))
-    base = ["train", "--data", str(tmp_path / "tiny.npy"), "--guide", "diagonal", "--epochs", "1"]
-    base += ["--batch-size", "8", "--latent-dim", "2", "--hidden-dims", "4", "--quiet"]
+    base = _tiny_train_argv(tmp_path)
     cases = (
         (
             ["--objective", "iwae", "--num-particles", "3", "--gradient-estimator", "dreg"],
