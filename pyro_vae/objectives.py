@@ -431,9 +431,9 @@ class DReG_IWAE_ELBO(IWAE_ELBO):  # noqa: N801 (Pyro's naming)
     so the decoder's parameters see :math:`\tilde w_k` and every path through z sees
     :math:`\tilde w_k^2`; the guide alone is re-run at the detached draws for its score term.
     Parameters shared by model and guide get the model part with weight w~ and the path part
-    with w~^2. Every latent site must lie in the data plate (one weight per particle and
-    datapoint). Guides that score only their own draws (planar, radial, Sylvester) are
-    refused.
+    with w~^2. A latent outside the data plate makes log w one sum over the batch, and each
+    particle's one weight scales all its draws. Guides that score only their own draws
+    (planar, radial, Sylvester) are refused.
 
     References:
         Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives
@@ -448,8 +448,8 @@ class DReG_IWAE_ELBO(IWAE_ELBO):  # noqa: N801 (Pyro's naming)
         guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
         sites = _latent_sites(guide_trace, "dreg")
         _score_at_fixed_draws("dreg", guide, guide_trace, args, kwargs, sites)
-        weights = _ParticleWeights()
-        draws = weights.scaled_copy(guide_trace, sites)
+        weights = _ParticleWeights()  # with one particle w~ = 1: nothing to scale
+        draws = weights.scaled_copy(guide_trace, sites) if self.num_particles > 1 else guide_trace
         model_trace = poutine.trace(poutine.replay(model, trace=draws), graph_type="flat")
         model_trace = model_trace.get_trace(*args, **kwargs)
         if is_validation_enabled():
@@ -477,7 +477,10 @@ class DReG_IWAE_ELBO(IWAE_ELBO):  # noqa: N801 (Pyro's naming)
             score = score.unsqueeze(0)
         log_w = log_p - log_q
         weights = torch.softmax(log_w.detach(), dim=0)  # w~_k, (K, B)
-        model_trace.particle_weights.set(weights, self.num_particles)
+        full = weights
+        for dim in sorted(sum_dims, reverse=True):  # the plates summed into log w, as size 1
+            full = full.unsqueeze(dim)
+        model_trace.particle_weights.value = full
         path_q = log_q - (score - score.detach())  # gradient: the path part of log q only
         surrogate = (weights * log_p - weights.square() * path_q).sum(0)
         return bound.detach() + (surrogate - surrogate.detach())
@@ -494,47 +497,30 @@ class DReG_IWAE_ELBO(IWAE_ELBO):  # noqa: N801 (Pyro's naming)
 
 
 class _ParticleWeights:
-    """Normalized importance weights w~ ``(K, B)``, set after the model ran, that scale the
-    gradient of each draw the model read (see :class:`DReG_IWAE_ELBO`)."""
+    """Normalized importance weights w~, set after the model ran, that scale the gradient of
+    each draw the model read (see :class:`DReG_IWAE_ELBO`)."""
 
     def __init__(self) -> None:
+        #: w~ ``(K, ...)`` with a dimension of size 1 for every plate summed into log w, so it
+        #: broadcasts against each site's batch shape
         self.value: Tensor | None = None
-        self._sites: dict[str, tuple[torch.Size, int]] = {}
 
     def scaled_copy(self, trace: Trace, sites: dict[str, dict]) -> Trace:
         """``trace`` for the model to replay: each of ``sites`` holds a copy of its draw whose
         gradient is multiplied by the weights on its way back to the draw."""
-        return _sample_sites(trace, lambda name, site: self._scaled(name, site, sites))
+        return _sample_sites(trace, lambda name, site: self._scaled(site, name in sites))
 
-    def _scaled(self, name: str, site: dict, sites: dict[str, dict]) -> Any:  # noqa: ANN401
+    def _scaled(self, site: dict, latent: bool) -> Any:  # noqa: ANN401
         value = site["value"]
-        if name not in sites or not value.requires_grad:
+        if not latent or not value.requires_grad:
             return value
-        event_dim = site["fn"].event_dim
-        self._sites[name] = (value.shape[: value.dim() - event_dim], event_dim)
+        event = (1,) * site["fn"].event_dim
         value = value.clone()
-        value.register_hook(self._hook(name))
+        value.register_hook(lambda grad: grad * self.value.reshape(self.value.shape + event))
         return value
 
-    def set(self, weights: Tensor, num_particles: int) -> None:
-        """Store ``weights`` (K, B); ValueError unless every draw has one per particle and
-        datapoint."""
-        for name, (batch_shape, _) in self._sites.items():
-            expected = weights.shape if num_particles > 1 else weights.shape[1:]
-            if batch_shape != expected:
-                raise ValueError(
-                    f"gradient estimator 'dreg' needs one draw per particle and datapoint; "
-                    f"site {name!r} has batch shape {tuple(batch_shape)}, not {tuple(expected)}"
-                )
-        self.value = weights
 
-    def _hook(self, name: str) -> Callable[[Tensor], Tensor]:
-        batch_shape, event_dim = self._sites[name]
-
-        def scale(grad: Tensor) -> Tensor:
-            return grad * self.value.reshape(batch_shape + (1,) * event_dim)
-
-        return scale
+# ---------------------------------------------------------------- gradient estimators
 
 
 class _NoRsample(TorchDistribution):

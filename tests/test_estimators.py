@@ -177,6 +177,32 @@ def test_dreg_gradient_equals_the_two_pass_surrogate(float64: None, config: VAEC
         torch.testing.assert_close(mine, expected, rtol=1e-9, atol=1e-11)
 
 
+def test_dreg_weights_a_latent_outside_the_data_plate_per_particle(float64: None) -> None:
+    """A global z makes log w_k one sum over the batch: DReG's encoder gradient is then
+    sum_k w~_k^2 d/dz log w_k dz/dloc with one weight per particle, written out here."""
+    loc, draws, k = torch.tensor([0.3, -0.2], requires_grad=True), [], 4
+
+    def model(x: Tensor) -> None:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(z.sum(-1), 1.0), obs=x)
+
+    def guide(x: Tensor) -> None:
+        draws.append(pyro.sample("z", dist.Normal(loc, 1.0).to_event(1)))
+
+    x = torch.tensor([0.5, -1.0, 2.0])
+    loss = DReG_IWAE_ELBO(num_particles=k).differentiable_loss(model, guide, x)
+    z = draws[0][:, 0]  # (K, 2), a function of loc
+    log_p = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_p = log_p + dist.Normal(z.sum(-1, keepdim=True), 1.0).log_prob(x).sum(-1)
+    log_w = log_p - dist.Normal(loc.detach(), 1.0).log_prob(z).sum(-1)  # (K,), path only
+    bound = torch.logsumexp(log_w, 0) - math.log(k)
+    torch.testing.assert_close(loss, -bound, rtol=1e-12, atol=0)
+    w = torch.softmax(log_w.detach(), 0)
+    (expected,) = _grads(-(w**2 * log_w).sum(), [loc])
+    torch.testing.assert_close(_grads(loss, [loc])[0], expected, rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------- DReG by hand
 
 
