@@ -477,10 +477,7 @@ class DReG_IWAE_ELBO(IWAE_ELBO):  # noqa: N801 (Pyro's naming)
             score = score.unsqueeze(0)
         log_w = log_p - log_q
         weights = torch.softmax(log_w.detach(), dim=0)  # w~_k, (K, B)
-        full = weights
-        for dim in sorted(sum_dims, reverse=True):  # the plates summed into log w, as size 1
-            full = full.unsqueeze(dim)
-        model_trace.particle_weights.value = full
+        model_trace.particle_weights.set(weights, sum_dims)
         path_q = log_q - (score - score.detach())  # gradient: the path part of log q only
         surrogate = (weights * log_p - weights.square() * path_q).sum(0)
         return bound.detach() + (surrogate - surrogate.detach())
@@ -504,6 +501,12 @@ class _ParticleWeights:
         #: w~ ``(K, ...)`` with a dimension of size 1 for every plate summed into log w, so it
         #: broadcasts against each site's batch shape
         self.value: Tensor | None = None
+
+    def set(self, weights: Tensor, sum_dims: list) -> None:
+        """Store ``weights`` ``(K, ...)`` of log w, whose ``sum_dims`` were summed away."""
+        for dim in sorted(sum_dims, reverse=True):  # each summed plate back, of size 1
+            weights = weights.unsqueeze(dim)
+        self.value = weights
 
     def scaled_copy(self, trace: Trace, sites: dict[str, dict]) -> Trace:
         """``trace`` for the model to replay: each of ``sites`` holds a copy of its draw whose
