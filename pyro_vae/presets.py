@@ -68,8 +68,9 @@ PRESETS: dict[str, Preset] = {
         _GATED,
     ),
     "mnist-iwae": Preset(
-        "IWAE bound with K = 50 and a 200-200 MLP, after Burda et al. (2016)",
+        "IWAE bound with K = 50, a 200-200 MLP and a diagonal posterior, after Burda et al. (2016)",
         {
+            "guide": "diagonal",
             "objective": "iwae",
             "num_particles": 50,
             "latent_dim": 50,
