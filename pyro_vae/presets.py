@@ -68,7 +68,8 @@ PRESETS: dict[str, Preset] = {
         _GATED,
     ),
     "mnist-iwae": Preset(
-        "IWAE bound with K = 50, a 200-200 MLP and a diagonal posterior, after Burda et al. (2016)",
+        "IWAE bound with K = 50, a 200-200 MLP and a diagonal posterior, after Burda et al. "
+        "(2016)",
         {
             "guide": "diagonal",
             "objective": "iwae",
