@@ -12,7 +12,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.distributions.util import scale_and_mask
-from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, JitTrace_ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import (
     get_dependent_plate_dims,
     is_identically_zero,
@@ -41,6 +41,7 @@ __all__ = [
     "DReG_IWAE_ELBO",
     "FreeBits_ELBO",
     "IWAE_ELBO",
+    "JitSTL_ELBO",
     "STL_ELBO",
     "STL_MeanField_ELBO",
     "GradientMoments",
@@ -320,9 +321,11 @@ def _latent_sites(trace: Trace, estimator: str) -> dict[str, dict]:
 class _StickingTheLanding:
     r"""Mixin for Pyro's ELBOs: drop the score term of every Monte Carlo log q(z|x).
 
-    At each reparameterized guide site scored by Monte Carlo, the surrogate gains
-    ``scale * (log q_phi(sg z) - its value)``, zero in value, whose gradient
-    :math:`\partial_\phi \log q_\phi(z)|_z` cancels the score term of ``-log q``.
+    At each reparameterized guide site scored by Monte Carlo, the entropy term of the site's
+    score parts (the ``log q`` every Pyro ELBO puts into its surrogate) loses
+    ``scale * (log q_phi(sg z) - its value)``: zero in value, with gradient
+    :math:`\partial_\phi \log q_\phi(z)|_z`, the score term. Only the traces change, so the
+    eager ELBOs and ``JitTrace_ELBO`` take the mixin alike.
     """
 
     def _monte_carlo_sites(self, model_trace: Trace, guide_trace: Trace) -> dict[str, dict]:
@@ -336,17 +339,13 @@ class _StickingTheLanding:
         sites = self._monte_carlo_sites(model_trace, guide_trace)
         if sites and torch.is_grad_enabled():
             _score_at_fixed_draws("stl", guide, recorder.trace, args, kwargs, sites)
+            for site in sites.values():
+                score = scale_and_mask(site.pop(_FIXED), site["scale"], site["mask"])
+                parts = site["score_parts"]
+                site["score_parts"] = parts._replace(
+                    entropy_term=parts.entropy_term - (score - score.detach())
+                )
         return model_trace, guide_trace
-
-    def _differentiable_loss_particle(
-        self, model_trace: Trace, guide_trace: Trace
-    ) -> tuple[Any, Any]:
-        loss, surrogate = super()._differentiable_loss_particle(model_trace, guide_trace)
-        for site in guide_trace.nodes.values():
-            if _FIXED in site:
-                score = scale_and_mask(site[_FIXED], site["scale"], site["mask"]).sum()
-                surrogate = surrogate - (score - score.detach())
-        return loss, surrogate
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The objective's value as a float (no gradient, nothing re-scored)."""
@@ -373,6 +372,12 @@ class STL_ELBO(_StickingTheLanding, Trace_ELBO):  # noqa: N801 (Pyro's naming)
     References:
         Sticking the Landing: Simple, Lower-Variance Gradient Estimators for Variational
         Inference (Roeder, Wu & Duvenaud, 2017)
+    """
+
+
+class JitSTL_ELBO(_StickingTheLanding, JitTrace_ELBO):  # noqa: N801 (Pyro's naming)
+    """:class:`STL_ELBO` compiled like ``JitTrace_ELBO``: the guide's second pass and the
+    score term are traced into the same graph (one per batch size, traced at its first step).
     """
 
 

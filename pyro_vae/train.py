@@ -24,7 +24,13 @@ from .data import Dataset
 from .distributed import ELBOLoss, Replica
 from .evaluate import elbo as elbo_per_point
 from .model import VAE
-from .objectives import OBJECTIVES, FreeBits_ELBO, check_gradient_estimator, make_objective
+from .objectives import (
+    OBJECTIVES,
+    FreeBits_ELBO,
+    JitSTL_ELBO,
+    check_gradient_estimator,
+    make_objective,
+)
 from .resume import LAST, Progress, get_rng_state, load_training_state, save_training_state
 from .run_dir import RunDir, write_metrics
 from .schedules import LR_SCHEDULES, kl_weight, learning_rate, patience_exhausted
@@ -95,11 +101,11 @@ class TrainConfig:
         seed: Seed of the minibatch order and dynamic binarization (the CLI also seeds Pyro).
         log_every: Steps between progress-bar updates and NaN/inf checks (each syncs the device).
         clip_norm: Clip the gradient's total 2-norm to this value before each step; None: off.
-        jit: Compile the loss with ``JitTrace_ELBO`` (one graph per batch size, traced at its
-            first step). None (default): wherever it applies, i.e. objective ``elbo`` with the
-            ``pathwise`` estimator, no free bits, no ``validate`` and every part of the VAE
-            traceable, and eager elsewhere; True: always (an error where it does not apply);
-            False: never (Pyro's eager ``Trace_ELBO``).
+        jit: Compile the loss with ``JitTrace_ELBO`` (``JitSTL_ELBO`` for ``stl``; one graph
+            per batch size, traced at its first step). None (default): wherever it applies,
+            i.e. objective ``elbo`` with the ``pathwise`` or ``stl`` estimator, no free bits,
+            no ``validate`` and every part of the VAE traceable, and eager elsewhere; True:
+            always (an error where it does not apply); False: never (Pyro's eager ELBOs).
             :func:`compiles_loss` tells which a config gets.
         validate: Keep Pyro's distribution and handler checks on while training. Off by
             default: they cost 15-30% of a step, the data are checked when loaded and a
@@ -123,9 +129,9 @@ class TrainConfig:
             reparameterized gradient), ``stl`` for ``elbo`` and ``meanfield`` (sticking the
             landing, :class:`~pyro_vae.objectives.STL_ELBO`) or ``dreg`` for ``iwae``
             (doubly reparameterized, :class:`~pyro_vae.objectives.DReG_IWAE_ELBO`). Same
-            objective and decoder gradient; ``stl`` and ``dreg`` take neither jit nor free
-            bits, and refuse guides that score only their own draws (planar, radial,
-            Sylvester) at the first step.
+            objective and decoder gradient; ``stl`` and ``dreg`` take no free bits, and
+            refuse guides that score only their own draws (planar, radial, Sylvester) at the
+            first step.
     """
 
     num_epochs: int = 300
@@ -170,10 +176,10 @@ class TrainConfig:
             raise ValueError("validate=True checks every step eagerly: it takes no jit=True")
         self._check_recipes()
         check_gradient_estimator(self.objective, self.gradient_estimator)
-        if self.gradient_estimator != "pathwise" and (self.jit or self.free_bits):
+        if self.gradient_estimator != "pathwise" and self.free_bits:
             raise ValueError(
-                f"gradient_estimator {self.gradient_estimator!r} takes neither jit nor "
-                f"free_bits, got jit {self.jit}, free_bits {self.free_bits!r}"
+                f"gradient_estimator {self.gradient_estimator!r} takes no free_bits, got "
+                f"free_bits {self.free_bits!r}"
             )
 
     def _check_recipes(self) -> None:
@@ -212,14 +218,14 @@ def _is_number(value: object) -> bool:
 
 def compiles_loss(config: TrainConfig, vae: VAE | None = None) -> bool:
     """Whether ``fit`` trains ``vae`` with the compiled ``JitTrace_ELBO`` under ``config``:
-    when ``jit`` is True, or None and the objective is ``elbo`` with the ``pathwise``
-    estimator, no free bits, no validation and a traceable VAE
-    (:attr:`~pyro_vae.model.VAE.traceable`)."""
+    (or :class:`~pyro_vae.objectives.JitSTL_ELBO`) under ``config``: when ``jit`` is True,
+    or None and the objective is ``elbo`` with the ``pathwise`` or ``stl`` estimator, no free
+    bits, no validation and a traceable VAE (:attr:`~pyro_vae.model.VAE.traceable`)."""
     if config.jit is not None:
         return config.jit
     return (
         config.objective == "elbo"
-        and config.gradient_estimator == "pathwise"
+        and config.gradient_estimator in ("pathwise", "stl")
         and not config.free_bits
         and not config.validate
         and (vae is None or vae.traceable)
@@ -244,7 +250,8 @@ def make_loss(config: TrainConfig, vae: VAE | None = None) -> ELBO:
     """The Pyro ELBO that ``fit`` trains ``vae`` with under ``config`` (objective, estimator,
     jit, free bits); wrap it with the VAE in :class:`~pyro_vae.distributed.ELBOLoss`."""
     if compiles_loss(config, vae):
-        return JitTrace_ELBO(
+        cls = JitSTL_ELBO if config.gradient_estimator == "stl" else JitTrace_ELBO
+        return cls(
             num_particles=config.num_particles,
             vectorize_particles=config.num_particles > 1,
             max_plate_nesting=1,

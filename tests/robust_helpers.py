@@ -85,13 +85,15 @@ def assert_jit_equals_eager(
     betas: tuple[float, ...] = (1.0,),
     subsample: Tensor | None = None,
     condition: Tensor | None = None,
+    elbos: tuple[type, type] = (Trace_ELBO, JitTrace_ELBO),
 ) -> None:
     """The compiled loss and its gradients equal the eager ones on the same noise draws,
     for the batch x and a smaller one (each batch size gets its own graph), at every KL
     weight in ``betas`` (one graph serves them all), with the optional ``subsample`` ``(B,)``
-    and ``condition`` ``(B, C)`` rows of x, after the weights have changed since tracing."""
-    eager = ELBOLoss(vae, Trace_ELBO(max_plate_nesting=1))
-    compiled = ELBOLoss(vae, JitTrace_ELBO(max_plate_nesting=1, ignore_jit_warnings=True))
+    and ``condition`` ``(B, C)`` rows of x, after the weights have changed since tracing.
+    ``elbos``: the eager ELBO class and its compiled twin."""
+    eager = ELBOLoss(vae, elbos[0](max_plate_nesting=1))
+    compiled = ELBOLoss(vae, elbos[1](max_plate_nesting=1, ignore_jit_warnings=True))
     for n, beta in itertools.product((x.shape[0], max(1, x.shape[0] // 2)), betas):
         rows = {
             name: value[:n]

@@ -136,7 +136,11 @@ TRAIN_CASES: list[tuple[str, Callable[[P], list[str]], list[str]]] = [
         lambda p: ["--gradient-estimator", "dreg"],
         ["gradient_estimator 'dreg'"],
     ),
-    ("stl with jit", lambda p: ["--gradient-estimator", "stl", "--jit"], ["'stl'", "jit"]),
+    (
+        "stl with free bits",
+        lambda p: ["--gradient-estimator", "stl", "--free-bits", "1"],
+        ["'stl'", "free_bits"],
+    ),
     (
         "jit with vmf",
         lambda p: ["--jit", "--guide", "vmf", "--latent", "sphere"],

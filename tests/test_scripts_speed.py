@@ -13,6 +13,7 @@ from script_loader import load_script
 from pyro_vae import VAE, VAEConfig
 from pyro_vae.data import Dataset
 from pyro_vae.distributed import ELBOLoss
+from pyro_vae.train import compiles_loss
 
 
 def _load(name: str) -> ModuleType:
@@ -115,12 +116,14 @@ def test_benchmark_speed_estimator_variants_train_their_objective(bench: ModuleT
     args = bench.parse_args(["--latent-dim", "2", "--hidden-dims", "8", "--num-particles", "3"])
     data = Dataset(torch.bernoulli(torch.full((8, 5), 0.5)), torch.ones(4, 5), None, (1, 5))
     seen = {}
-    for variant in ("stl", "iwae", "dreg"):
+    for variant in ("stl", "stl-eager", "iwae", "dreg"):
         with mock.patch.object(bench, "pyro_vae_epoch", lambda vae, data, config: config):
             config = bench.build(variant, "diagonal", data, args, torch.device("cpu"))
-        seen[variant] = (config.objective, config.gradient_estimator, config.num_particles)
-    assert seen == {"stl": ("elbo", "stl", 1), "iwae": ("iwae", "pathwise", 3),
-                    "dreg": ("iwae", "dreg", 3)}  # fmt: skip
+        seen[variant] = (config.objective, config.gradient_estimator, config.num_particles,
+                         compiles_loss(config))  # fmt: skip
+    assert seen == {"stl": ("elbo", "stl", 1, True), "stl-eager": ("elbo", "stl", 1, False),
+                    "iwae": ("iwae", "pathwise", 3, False),
+                    "dreg": ("iwae", "dreg", 3, False)}  # fmt: skip
 
 
 def test_benchmark_is_smoke(capsys: pytest.CaptureFixture) -> None:

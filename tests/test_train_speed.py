@@ -168,11 +168,13 @@ def test_the_default_compiles_wherever_it_applies() -> None:
     vae, sphere = _tiny_vae("diagonal"), VAE(VAEConfig(5, 5, (4,), "vmf", latent="sphere"))
     assert vae.traceable and not sphere.traceable  # vMF's rejection loop cannot be traced
     assert compiles_loss(TrainConfig(), vae) and compiles_loss(TrainConfig(kl_warmup=2), vae)
+    assert compiles_loss(TrainConfig(gradient_estimator="stl"), vae)
     eager = [
         TrainConfig(jit=False),
         TrainConfig(objective="meanfield"),
+        TrainConfig(objective="meanfield", gradient_estimator="stl"),
         TrainConfig(objective="iwae", num_particles=2),
-        TrainConfig(gradient_estimator="stl"),
+        TrainConfig(objective="iwae", num_particles=2, gradient_estimator="dreg"),
         TrainConfig(free_bits=0.5),
         TrainConfig(validate=True),  # Pyro's checks run on every step
     ]

@@ -251,8 +251,8 @@ def _add_optimization_args(group: argparse._ArgumentGroup, epochs: int) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="compile the loss with JitTrace_ELBO; default: wherever it applies (objective "
-        "elbo, pathwise estimator, no free bits, no --validate, traceable parts); --no-jit: "
-        "Pyro's eager Trace_ELBO",
+        "elbo, pathwise or stl estimator, no free bits, no --validate, traceable parts); "
+        "--no-jit: Pyro's eager ELBOs",
     )
     group.add_argument(
         "--validate",
