@@ -217,9 +217,9 @@ def _is_number(value: object) -> bool:
 
 
 def compiles_loss(config: TrainConfig, vae: VAE | None = None) -> bool:
-    """Whether ``fit`` trains ``vae`` with the compiled ``JitTrace_ELBO`` under ``config``:
-    (or :class:`~pyro_vae.objectives.JitSTL_ELBO`) under ``config``: when ``jit`` is True,
-    or None and the objective is ``elbo`` with the ``pathwise`` or ``stl`` estimator, no free
+    """Whether ``fit`` trains ``vae`` with a compiled loss (``JitTrace_ELBO``, or
+    :class:`~pyro_vae.objectives.JitSTL_ELBO` for ``stl``) under ``config``: when ``jit`` is
+    True, or None and the objective is ``elbo`` with the ``pathwise`` or ``stl`` estimator, no free
     bits, no validation and a traceable VAE (:attr:`~pyro_vae.model.VAE.traceable`)."""
     if config.jit is not None:
         return config.jit
