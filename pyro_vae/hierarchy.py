@@ -19,6 +19,7 @@ __all__ = [
     "GaussianLayer",
     "LadderPosterior",
     "TopDownPosterior",
+    "guide_input",
     "join",
     "merge_gaussians",
 ]
@@ -36,6 +37,15 @@ def join(a: Tensor, b: Tensor | None) -> Tensor:
         return a
     lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
     return torch.cat([a.expand(*lead, a.shape[-1]), b.to(a).expand(*lead, b.shape[-1])], -1)
+
+
+def guide_input(guide: AmortizedGuide, x: Tensor, z: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    """What a layer guide reads, [x, z]: the pair itself when its trunk takes its input as
+    parts (``trunk.takes_parts``; x ``(B, P)`` then goes through the first layer once, not
+    once per particle of z ``(K, B, D)``), else :func:`join`'s concatenation."""
+    if getattr(getattr(guide, "trunk", None), "takes_parts", False):
+        return x, z.to(x)
+    return join(x, z)
 
 
 class GaussianHead(nn.Module):
@@ -115,7 +125,8 @@ class BottomUpPosterior(nn.Module):
 
     def posterior(self, index: int, x: Tensor, below: Tensor | None) -> Distribution:
         """q(z_{index+1} | x, z_index): x ``(*, B, P)``, ``below`` the layer under it."""
-        return self.layers[index](x if index == 0 else join(x, below))
+        layer = self.layers[index]
+        return layer(x if index == 0 else guide_input(layer, x, below))
 
     def loc_scale(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Gaussian base of the top layer q(z_L | x, ...) with the layers below at their means.
@@ -123,9 +134,10 @@ class BottomUpPosterior(nn.Module):
         What a VampPrior on the top layer mixes: mean, scale ``(B, D_L)`` and context.
         """
         below = None
-        for index, layer in enumerate(self.layers[:-1]):
-            below = layer.loc_scale(x if index == 0 else join(x, below))[0]
-        return self.layers[-1].loc_scale(join(x, below))
+        for index, layer in enumerate(self.layers):
+            parameters = layer.loc_scale(x if index == 0 else guide_input(layer, x, below))
+            below = parameters[0]
+        return parameters
 
 
 class TopDownPosterior(nn.Module):
@@ -148,8 +160,8 @@ class TopDownPosterior(nn.Module):
 
     def posterior(self, index: int, x: Tensor, above: Tensor | None) -> Distribution:
         """q(z_{index+1} | x, z_{index+2}): x ``(*, B, P)``, ``above`` the layer over it."""
-        last = len(self.layers) - 1
-        return self.layers[index](x if index == last else join(x, above))
+        layer = self.layers[index]
+        return layer(x if index == len(self.layers) - 1 else guide_input(layer, x, above))
 
     def loc_scale(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Gaussian base of q(z_L | x): mean, scale ``(B, D_L)`` and context."""

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .validation import check_key, registrar
@@ -25,6 +26,7 @@ __all__ = [
     "ConvNetworks",
     "MLPNetworks",
     "NetworkPair",
+    "PartwiseLinear",
     "check_hidden_dims",
     "make_arch",
     "register_arch",
@@ -39,8 +41,36 @@ def check_hidden_dims(hidden_dims: Sequence[int]) -> tuple[int, ...]:
     return dims
 
 
+class PartwiseLinear(nn.Linear):
+    r"""``nn.Linear`` that also takes its input as parts: a tuple ``(x_1, ..., x_n)`` of widths
+    summing to ``in_features`` stands for their concatenation along the last dim.
+
+    .. math:: W [x_1, \dots, x_n] + b = \textstyle\sum_i W_i x_i + b
+
+    with W_i the columns of part i. The concatenation is never built and the parts' leading
+    dims broadcast, so an image x ``(B, P)`` beside a latent z ``(K, B, D)`` of K particles goes
+    through its columns once, not K times: ``((B, P), (K, B, D)) -> (K, B, out_features)``.
+    """
+
+    def forward(self, x: Tensor | tuple[Tensor, ...]) -> Tensor:
+        if isinstance(x, Tensor):
+            return super().forward(x)
+        widths = [part.shape[-1] for part in x]
+        if sum(widths) != self.in_features:
+            raise ValueError(
+                f"parts of widths {widths} do not add up to the layer's {self.in_features} inputs"
+            )
+        out = self.bias
+        for part, weight in zip(x, self.weight.split(widths, dim=1), strict=True):
+            term = F.linear(part, weight)
+            out = term if out is None else out + term
+        return out
+
+
 class MLP(nn.Sequential):
     """Linear layers with softplus between them: ``(*, in_dim) -> (*, out_dim)``.
+
+    The input may come as parts (see :class:`PartwiseLinear`).
 
     Args:
         in_dim: Input features.
@@ -49,13 +79,16 @@ class MLP(nn.Sequential):
         final_activation: Apply softplus after the last layer too (for trunks).
     """
 
+    #: Whether the input may come as parts (:class:`PartwiseLinear`).
+    takes_parts = True
+
     def __init__(
         self, in_dim: int, hidden_dims: Sequence[int], out_dim: int, final_activation: bool = False
     ) -> None:
         dims = (in_dim, *hidden_dims, out_dim)
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=False)):
-            layers.append(nn.Linear(a, b))
+            layers.append(PartwiseLinear(a, b) if i == 0 else nn.Linear(a, b))
             if i < len(dims) - 2 or final_activation:
                 layers.append(nn.Softplus())
         super().__init__(*layers)
@@ -92,25 +125,30 @@ class GatedDense(nn.Module):
     .. math:: h = (W x + b) \odot \sigma(V x + c)
 
     The gate lets each unit switch itself off per input; Dauphin et al. (2017) and the
-    VampPrior paper (Tomczak & Welling, 2018) use it in place of an activation.
+    VampPrior paper (Tomczak & Welling, 2018) use it in place of an activation. The input may
+    come as parts (see :class:`PartwiseLinear`).
     """
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
-        self.value = nn.Linear(in_dim, out_dim)
-        self.gate = nn.Linear(in_dim, out_dim)
+        self.value = PartwiseLinear(in_dim, out_dim)
+        self.gate = PartwiseLinear(in_dim, out_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | tuple[Tensor, ...]) -> Tensor:
         return self.value(x) * torch.sigmoid(self.gate(x))
 
 
 class GatedMLP(nn.Sequential):
     """Gated layers, one per width: ``(*, in_dim) -> (*, widths[-1])``; an encoder trunk.
 
+    The input may come as parts (see :class:`PartwiseLinear`).
+
     Args:
         in_dim: Input features.
         widths: Output widths of the gated layers (one or more).
     """
+
+    takes_parts = True
 
     def __init__(self, in_dim: int, widths: Sequence[int]) -> None:
         dims = (in_dim, *check_hidden_dims(widths))

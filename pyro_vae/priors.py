@@ -180,6 +180,7 @@ class VampPrior(LatentPrior):
         self.pseudo_logits = nn.Parameter(
             init_logit_scale * torch.randn(num_components, encoder.data_dim)
         )
+        self._cached: tuple[tuple, Distribution] | None = None
 
     @property
     def pseudo_inputs(self) -> Tensor:
@@ -187,5 +188,25 @@ class VampPrior(LatentPrior):
         return torch.sigmoid(self.pseudo_logits)
 
     def forward(self) -> Distribution:
+        """The mixture; without gradients it is kept until a parameter it reads changes, so
+        an evaluation's many particle chunks encode the pseudo-inputs once."""
+        if torch.is_grad_enabled() or torch.jit.is_tracing():
+            return self._mixture()
+        state = self._state()
+        if self._cached is None or self._cached[0] != state:
+            self._cached = (state, self._mixture())
+        return self._cached[1]
+
+    def _mixture(self) -> Distribution:
         locs, scales, _ = self._encoder[0].loc_scale(self.pseudo_inputs)  # (K, D) each
         return DiagonalNormalMixture(locs, scales, locs.new_zeros(locs.shape[:1]))
+
+    def _state(self) -> tuple:
+        """What the mixture depends on: the encoder's mode and, for the pseudo-logits and
+        every tensor of the encoder, its storage, dtype and in-place version counter (which
+        optimizer steps and ``load_state_dict`` advance)."""
+        encoder = self._encoder[0]
+        tensors = (self.pseudo_logits, *encoder.parameters(), *encoder.buffers())
+        return encoder.training, tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors
+        )

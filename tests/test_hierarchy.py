@@ -431,6 +431,32 @@ def test_log_weights_and_evaluate_split_the_kl_by_layer(float64: None) -> None:
     assert "layer_kl" not in evaluate(VAE(VAEConfig(P, 2, (8,), "diagonal")), x, 3).to_dict()
 
 
+@pytest.mark.parametrize("inference", ["bottom-up", "top-down"])
+@pytest.mark.parametrize("arch", ["mlp", "gated"])
+def test_layer_guides_take_x_once_for_all_particles(
+    float64: None, monkeypatch: pytest.MonkeyPatch, inference: str, arch: str
+) -> None:
+    """Under K particles a layer guide's trunk reads x ``(B, P)`` beside z ``(K, B, D)`` as two
+    parts, and the log weights are those of trunks that read the concatenation."""
+    vae, x = _hvae(inference, (3, 2), arch=arch, prior="vamp"), _binary(5, P)
+    seen: list[tuple] = []
+    for layer in vae.encoder.layers:
+        layer.trunk.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0]))
+    pyro.set_rng_seed(4)
+    by_parts = log_weights(vae, x, 7)
+    # the one layer that reads [x, z] under the particles (a bottom-up VampPrior also reads
+    # [u, mean] of its pseudo-inputs u)
+    (pair,) = [inp for inp in seen if isinstance(inp, tuple) and inp[1].dim() == 3]
+    assert pair[0].shape == (5, P) and pair[1].shape == (7, 5, 2 if "top" in inference else 3)
+    monkeypatch.setattr(type(vae.encoder.layers[0].trunk), "takes_parts", False)
+    seen.clear()
+    pyro.set_rng_seed(4)
+    joined = log_weights(vae, x, 7)
+    assert not any(isinstance(inp, tuple) for inp in seen)
+    for key, value in by_parts.items():
+        assert torch.allclose(value, joined[key], atol=1e-10), key
+
+
 # ---------------------------------------------------------------- free bits and warm-up
 
 

@@ -1,4 +1,5 @@
-"""Gated networks: the closed form of a gated layer, shapes, and the ``gated`` arch end to end."""
+"""Gated networks: the closed form of a gated layer, shapes, and the ``gated`` arch end to end;
+inputs given as parts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from robust_helpers import adam_losses
 
 from pyro_vae import VAE, VAEConfig
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
-from pyro_vae.networks import Decoder, GatedDense, GatedMLP
+from pyro_vae.hierarchy import join
+from pyro_vae.networks import MLP, Decoder, GatedDense, GatedMLP, PartwiseLinear
 
 
 def test_gated_dense_is_value_times_sigmoid_gate() -> None:
@@ -54,3 +56,38 @@ def test_gated_arch_builds_trains_and_round_trips(tmp_path) -> None:
     z = torch.randn(5, 2)
     assert torch.equal(again.decoder(z), vae.decoder(z))
     assert torch.equal(again.encoder(x).mean, vae.encoder(x).mean)
+
+
+# ---------------------------------------------------------------- inputs given as parts
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PartwiseLinear(7, 4),
+        lambda: MLP(7, (6,), 4, final_activation=True),
+        lambda: GatedMLP(7, (6, 4)),
+    ],
+    ids=["linear", "mlp", "gated"],
+)
+def test_parts_are_the_concatenation_without_building_it(make) -> None:  # noqa: ANN001
+    """net((x, z)) = net([x, z]) in value and in every gradient, x ``(B, 5)`` broadcast
+    against the particles of z ``(K, B, 2)``; parts that do not fill the input are refused."""
+    torch.manual_seed(2)
+    net = make()
+    x = torch.rand(3, 5, requires_grad=True)
+    z = torch.randn(4, 3, 2, requires_grad=True)
+    by_parts = net((x, z))
+    joined = net(join(x, z))
+    assert by_parts.shape == joined.shape == (4, 3, 4)
+    assert torch.allclose(by_parts, joined, atol=1e-6)
+    weights = torch.randn_like(joined)
+    wrt = [x, z, *net.parameters()]
+    for a, b in zip(
+        torch.autograd.grad((by_parts * weights).sum(), wrt),
+        torch.autograd.grad((joined * weights).sum(), wrt),
+        strict=True,
+    ):
+        assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match=r"parts of widths \[5, 3\] do not add up to .* 7"):
+        net((x, torch.randn(3, 3)))

@@ -81,6 +81,42 @@ def test_vamp_prior_is_the_mean_of_the_encoder_gaussians_at_the_pseudo_inputs() 
     assert torch.allclose(prior().log_prob(z), by_hand - math.log(4))
 
 
+@pytest.mark.usefixtures("float64")
+def test_vamp_prior_without_gradients_is_kept_until_its_parameters_change() -> None:
+    """Without gradients the mixture is built once and reused; an optimizer step, a loaded
+    state or a cast builds it again, and it always equals the mixture built afresh."""
+    prior = one_d_prior("vamp")
+    encoder = prior._encoder[0]
+    calls = []
+    encoder.trunk.register_forward_hook(lambda *_: calls.append(1))
+    z = torch.randn(6, 1)
+
+    def fresh() -> torch.Tensor:
+        with torch.enable_grad():
+            return prior().log_prob(z).detach()
+
+    with torch.no_grad():
+        first = prior()
+        assert prior() is first and len(calls) == 1
+        assert torch.equal(first.log_prob(z), fresh())
+    params = [*prior.parameters(), *encoder.parameters()]
+    optimizer = torch.optim.Adam(params, lr=0.1)
+    for p in params:  # an in-place step, with no call of the prior in between
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    with torch.no_grad():
+        stepped = prior()
+        assert stepped is not first and torch.equal(stepped.log_prob(z), fresh())
+        other = one_d_prior("vamp")
+        prior.load_state_dict(other.state_dict())
+        encoder.load_state_dict(other._encoder[0].state_dict())
+        assert torch.equal(prior().log_prob(z), other().log_prob(z))
+        prior.float(), encoder.float()
+        assert prior().log_prob(z.float()).dtype == torch.float32
+    with torch.enable_grad():  # with gradients nothing is kept
+        assert prior() is not prior()
+
+
 def pairs() -> list[tuple[str, str]]:
     return [(g, p) for g in sorted(GUIDES) if g != "vmf" for p in sorted(PRIORS)]
 
