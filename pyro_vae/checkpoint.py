@@ -10,6 +10,7 @@ import re
 import secrets
 import warnings
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "CheckpointError",
     "atomic_write",
     "load_checkpoint",
+    "load_weights",
     "read_payload",
     "save_checkpoint",
 ]
@@ -144,6 +146,33 @@ def load_checkpoint(
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: inconsistent checkpoint ({first})") from None
     return vae.to(map_location).eval(), payload
+
+
+def load_weights(vae: VAE, path: str | Path) -> dict[str, Any]:
+    """Copy the weights of the checkpoint at ``path`` into ``vae`` (to start training from
+    them); the stored model settings must equal ``vae.config``. Returns the payload
+    (``epoch``, ``valid_elbo``, ...); raises :class:`CheckpointError` naming the settings
+    that differ."""
+    payload = read_payload(path)
+    try:
+        stored = VAEConfig.from_dict(payload["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: inconsistent checkpoint ({error})") from None
+    pairs = [
+        (f.name, getattr(stored, f.name), getattr(vae.config, f.name)) for f in fields(stored)
+    ]
+    differ = [f"{name} {old!r} there, {new!r} here" for name, old, new in pairs if old != new]
+    if differ:
+        raise CheckpointError(
+            f"{path}: its model differs ({'; '.join(differ)}); build the model from its "
+            "settings (pyro-vae train --config RUN_DIR/config.json)"
+        )
+    try:
+        vae.load_state_dict(payload["state_dict"])
+    except (KeyError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: inconsistent checkpoint ({first})") from None
+    return payload
 
 
 def _unpickling_message(path: Path, text: str) -> str:

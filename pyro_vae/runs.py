@@ -177,7 +177,7 @@ def train_options(record: dict[str, Any], where: str = CONFIG) -> dict[str, Any]
 
 
 def _is_metadata(key: str) -> bool:
-    return key in ("version", "versions", "command", "started", "launch")
+    return key in ("version", "versions", "command", "started", "launch", "init_checkpoint")
 
 
 def _model_options(model: dict[str, Any], where: str) -> dict[str, Any]:

@@ -186,3 +186,54 @@ def test_recipe_flags_reach_the_config_and_metrics(
     # cosine over 2 epochs from 1e-3 to 1e-4: epoch 2 is halfway
     assert [float(row["lr"]) for row in rows] == pytest.approx([1e-3, 5.5e-4])
     assert "stopped early" not in capsys.readouterr().out
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[0].state_dict()
+
+
+def test_init_starts_a_new_run_from_another_runs_weights(
+    tiny_npy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--init copies the best checkpoint's weights (an lr of 1e-12 then leaves them as they
+    were), config.json records where from, and --config of the new run starts there again."""
+    first, tuned, again = tmp_path / "first", tmp_path / "tuned", tmp_path / "again"
+    assert _train(tiny_npy, first) == 0
+    source = _state(first / "checkpoint.pt")
+    tune = ["--objective", "iwae", "--num-particles", "3", "--lr", "1e-12", "--seed", "5"]
+    assert _train(tiny_npy, tuned, "--init", str(first), *tune) == 0
+    assert f"from the weights of {first / 'checkpoint.pt'} (epoch" in capsys.readouterr().err
+    for name, value in _state(tuned / "last.pt").items():
+        assert torch.allclose(value, source[name], atol=1e-9), name
+    record = json.loads((tuned / "config.json").read_text())
+    assert record["init"] == str((first / "checkpoint.pt").resolve())
+    payload = load_checkpoint(first / "checkpoint.pt")[1]
+    assert record["init_checkpoint"] == {k: payload[k] for k in ("epoch", "valid_elbo")}
+    assert record["train"]["objective"] == "iwae"
+    assert main(["train", "--config", str(tuned / "config.json"), "--out", str(again)]) == 0
+    assert json.loads((again / "config.json").read_text())["init"] == record["init"]
+    for name, value in _state(again / "last.pt").items():
+        assert torch.allclose(value, source[name], atol=1e-9), name
+    fresh = tmp_path / "fresh"  # without --init the same seed starts elsewhere
+    assert _train(tiny_npy, fresh, *tune) == 0
+    assert not all(
+        torch.allclose(value, source[name], atol=1e-3)
+        for name, value in _state(fresh / "last.pt").items()
+    )
+
+
+def test_init_refuses_another_model_and_a_resumed_run(
+    tiny_npy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    first = tmp_path / "first"
+    assert _train(tiny_npy, first) == 0
+    capsys.readouterr()
+    other = tmp_path / "other"
+    assert _train(tiny_npy, other, "--init", str(first), "--latent-dim", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "its model differs (latent_dim 2 there, 3 here" in err
+    assert "--config RUN_DIR/config.json" in err and not other.exists()
+    assert main(["train", "--resume", str(first), "--init", str(first), "--quiet"]) == 2
+    assert "--init cannot change" in capsys.readouterr().err
+    assert _train(tiny_npy, other, "--init", str(tmp_path / "none.pt")) == 2
+    assert "none.pt: no such checkpoint file" in capsys.readouterr().err

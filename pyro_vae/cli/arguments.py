@@ -121,6 +121,15 @@ def build_parser(
         help="continue the run in RUN_DIR from its last.pt (settings from its config.json; "
         "--epochs, --lr, --clip-norm may change)",
     )
+    run.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="start a new run from the weights of RUN_DIR's best checkpoint.pt (or of a "
+        "checkpoint file), e.g. to fine-tune with another objective; the model settings must "
+        "be the same (take them with --config RUN_DIR/config.json)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
         "--tensorboard",

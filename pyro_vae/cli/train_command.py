@@ -16,7 +16,7 @@ import pyro
 import torch
 
 from ..callbacks import Callback, TensorBoardCallback
-from ..checkpoint import load_checkpoint, read_payload
+from ..checkpoint import load_checkpoint, load_weights, read_payload
 from ..data import Dataset, DataSpec, load_dataset
 from ..distributed import Replica, init_replica
 from ..model import VAE, VAEConfig
@@ -100,6 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     pyro.set_rng_seed(train_config.seed)  # the same initial weights on every rank
     vae = VAE(config).to(device)  # guide options are checked here, before the folder exists
     check_compilable(train_config, vae)
+    init = _initial_weights(args, vae)
     pyro.set_rng_seed(train_config.seed + replica.rank)  # then each rank draws its own noise
     run_dir, created = args.resume, False
     if args.resume is None:
@@ -110,10 +111,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not replica.is_main:
         return _train_in_folder(args, vae, data, train_config, folder, replica, [])[0] or 0
     try:
-        return _train_as_main(args, vae, data, spec, train_config, folder, replica, device)
+        return _train_as_main(args, vae, data, spec, train_config, folder, replica, device, init)
     finally:
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
+
+
+def _initial_weights(args: argparse.Namespace, vae: VAE) -> dict[str, Any]:
+    """``--init``: copy the weights of a run's best checkpoint (or of a checkpoint file) into
+    ``vae``. Returns what config.json records of them (empty without ``--init``, and when
+    resuming: the run's own weights continue)."""
+    if args.init is None or args.resume is not None:
+        return {}
+    path = RunDir(args.init).checkpoint if args.init.is_dir() else args.init
+    payload = load_weights(vae, path)
+    return {
+        "init": str(path.resolve()),
+        "init_checkpoint": {key: payload.get(key) for key in ("epoch", "valid_elbo")},
+    }
 
 
 def _settings(
@@ -143,10 +158,12 @@ def _train_as_main(
     folder: RunFolder,
     replica: Replica,
     device: torch.device,
+    init: dict[str, Any],
 ) -> int:
-    """Rank 0: take the folder's lock, record the run, train, report."""
+    """Rank 0: take the folder's lock, record the run (and ``init``, the weights it starts
+    from), train, report."""
     resuming, run = args.resume is not None, RunDir(folder.path)
-    record = run_record(vae.config, train_config, spec, getattr(args, "argv", None))
+    record = {**run_record(vae.config, train_config, spec, getattr(args, "argv", None)), **init}
     with folder:  # one writer: refused while another live process trains here
         if resuming:
             for stale in run.path.glob(".*.tmp"):  # left by a writer killed before its rename
@@ -161,6 +178,11 @@ def _train_as_main(
             f"{data.data_dim} pixels, on {device}, "
             + ("compiled loss" if compiles_loss(train_config, vae) else "eager loss")
             + _recipe_words(args, train_config)
+            + (
+                f", from the weights of {init['init']} (epoch {init['init_checkpoint']['epoch']})"
+                if init
+                else ""
+            )
             + (f" and {more} more processes" if more else ""),
             file=sys.stderr,
         )
