@@ -153,13 +153,10 @@ def load_weights(vae: VAE, path: str | Path) -> dict[str, Any]:
     them); the stored model settings must equal ``vae.config``. Returns the payload
     (``epoch``, ``valid_elbo``, ...); raises :class:`CheckpointError` naming the settings
     that differ."""
-    payload = read_payload(path)
-    try:
-        stored = VAEConfig.from_dict(payload["config"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: inconsistent checkpoint ({error})") from None
+    stored, payload = load_checkpoint(path)
     pairs = [
-        (f.name, getattr(stored, f.name), getattr(vae.config, f.name)) for f in fields(stored)
+        (f.name, getattr(stored.config, f.name), getattr(vae.config, f.name))
+        for f in fields(VAEConfig)
     ]
     differ = [f"{name} {old!r} there, {new!r} here" for name, old, new in pairs if old != new]
     if differ:
@@ -167,11 +164,7 @@ def load_weights(vae: VAE, path: str | Path) -> dict[str, Any]:
             f"{path}: its model differs ({'; '.join(differ)}); build the model from its "
             "settings (pyro-vae train --config RUN_DIR/config.json)"
         )
-    try:
-        vae.load_state_dict(payload["state_dict"])
-    except (KeyError, RuntimeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: inconsistent checkpoint ({first})") from None
+    vae.load_state_dict(stored.state_dict())
     return payload
 
 
