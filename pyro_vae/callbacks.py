@@ -21,7 +21,8 @@ class Callback:
     - ``on_step(epoch, step, running_elbo)``: every ``TrainConfig.log_every`` steps, after the
       divergence check; ``running_elbo`` is the epoch's mean objective per image so far.
     - ``on_epoch_end(epoch, row, vae)``: after each epoch is recorded; ``row`` is its
-      ``metrics.csv`` row (``train_elbo``, ``valid_elbo``, ``seconds``, ``kl_weight``, ``lr``).
+      ``metrics.csv`` row (``train_elbo``, ``valid_elbo``, ``seconds``, ``kl_weight``, ``lr``;
+      ``valid_bound`` when training with the IWAE bound).
     - ``on_fit_end(history)``: once, with every epoch's row, also after early stopping.
     """
 
@@ -78,9 +79,9 @@ class TensorBoardCallback(Callback):
         self.writer.add_scalar("elbo/train", row["train_elbo"], epoch)
         self.writer.add_scalar("elbo/valid", row["valid_elbo"], epoch)
         self.writer.add_scalar("seconds", row["seconds"], epoch)
-        for key in ("kl_weight", "lr"):
+        for key, tag in (("valid_bound", "iwae/valid"), ("kl_weight", "kl_weight"), ("lr", "lr")):
             if key in row:
-                self.writer.add_scalar(key, row[key], epoch)
+                self.writer.add_scalar(tag, row[key], epoch)
         if self.valid is not None and not vae.config.condition_dim:
             self.writer.add_scalar("kl/valid", _kl(vae, self.valid), epoch)
         self.writer.add_images("samples", _sample_images(vae, self.num_images), epoch)

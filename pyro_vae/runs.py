@@ -416,8 +416,10 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     """One row about a run folder: its settings, progress and evaluation results (if any).
 
     Keys: ``run``, ``data``, ``model`` (one line: layers, guide, prior, likelihood, arch),
-    ``epochs``, ``best_epoch``, ``best_valid_elbo``, ``last_train_elbo``, and from
-    ``eval.json`` the latest split's ``split``, ``log_likelihood``, ``elbo``, ``gap``.
+    ``epochs``, ``best_epoch`` (the epoch of ``checkpoint.pt``: best valid ELBO, or best valid
+    IWAE bound for a run trained with it), ``best_valid_elbo`` (the valid ELBO then),
+    ``last_train_elbo``, and from ``eval.json`` the latest split's ``split``,
+    ``log_likelihood``, ``elbo``, ``gap``.
     """
     folder = RunDir(run_dir)
     record = folder.read_record()
@@ -438,7 +440,8 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError):
         metrics = None
     if metrics is not None:
-        best = max(range(len(metrics["epoch"])), key=metrics["valid_elbo"].__getitem__)
+        selected = metrics.get("valid_bound", metrics["valid_elbo"])
+        best = max(range(len(metrics["epoch"])), key=selected.__getitem__)
         row["epochs"] = int(metrics["epoch"][-1])
         row["best_epoch"] = int(metrics["epoch"][best])
         row["best_valid_elbo"] = metrics["valid_elbo"][best]

@@ -57,7 +57,8 @@ def learning_rate(
 def patience_exhausted(
     epoch: int, best_epoch: int, patience: int | None, warmup_epochs: int = 0
 ) -> bool:
-    """Whether ``patience`` epochs have passed since the best validation ELBO (None: never).
+    """Whether ``patience`` epochs have passed since the best validation value, the epoch
+    ``best_epoch`` (None: never).
 
     Epochs of the KL warm-up do not count: during it the weighted objective and the
     validation ELBO may move apart, so counting starts after epoch ``warmup_epochs``.

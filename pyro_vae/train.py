@@ -22,6 +22,7 @@ from .callbacks import Callback
 from .checkpoint import save_checkpoint
 from .data import Dataset
 from .distributed import ELBOLoss, Replica
+from .evaluate import MAX_ELEMENTS, _batch_statistics
 from .evaluate import elbo as elbo_per_point
 from .model import VAE
 from .objectives import (
@@ -120,8 +121,9 @@ class TrainConfig:
             :func:`~pyro_vae.schedules.learning_rate`.
         lr_gamma: Per-epoch factor of the exponential schedule, in (0, 1].
         lr_min: Floor of the exponential and cosine schedules, in [0, lr].
-        patience: Stop when the validation ELBO has not improved for this many epochs
-            (counted after the KL warm-up); None: train all ``num_epochs``.
+        patience: Stop when the validation ELBO (the IWAE bound for ``iwae``, see
+            :func:`selection_value`) has not improved for this many epochs (counted after the
+            KL warm-up); None: train all ``num_epochs``.
         free_bits: Nats per latent layer and image below which a layer's KL term is not
             pushed lower (:class:`~pyro_vae.objectives.FreeBits_ELBO`); 0: off. Objective
             ``elbo`` without jit only; ``train_elbo`` then logs that objective.
@@ -269,27 +271,42 @@ def make_optimizer(params: Iterable[Tensor], lr: float, device: torch.device) ->
     return torch.optim.Adam(params, lr=lr, fused=fused, foreach=None if fused else True)
 
 
-def _valid_elbo(
+def _validate(
     vae: VAE,
     x: torch.Tensor,
     batch_size: int,
     replica: Replica,
     condition: Tensor | None = None,
     dtype: torch.dtype | None = None,
-) -> float:
-    """Mean one-draw ELBO of the images x ``(N, P)`` as stored; each batch becomes
-    ``dtype`` (default: x's) as it is scored, so uint8 images are never all floats at once."""
+    num_particles: int | None = None,
+) -> dict[str, float]:
+    """Mean ELBO (``valid_elbo``) of the images x ``(N, P)`` as stored, from one draw per
+    image; with ``num_particles`` K, from K draws, together with the IWAE bound of those draws
+    (``valid_bound``). Each batch becomes ``dtype`` (default: x's) as it is scored, so uint8
+    images are never all floats at once."""
     vae.eval()
     dtype = dtype or x.dtype
-    total = x.new_zeros((), dtype=dtype)
+    totals = x.new_zeros(2 if num_particles else 1, dtype=dtype)
     shard = replica.shard(x)
     conditions = [None] * shard.shape[0] if condition is None else replica.shard(condition)
     for start in range(0, shard.shape[0], batch_size):
         batch = shard[start : start + batch_size].to(dtype)
         c = None if condition is None else conditions[start : start + batch_size]
-        total += elbo_per_point(vae, batch, condition=c).sum()
+        if num_particles:
+            scores = _batch_statistics(vae, batch, num_particles, MAX_ELEMENTS, c)
+            totals += torch.stack((scores["elbo"].sum(), scores["log_likelihood"].sum()))
+        else:
+            totals += elbo_per_point(vae, batch, condition=c).sum()
     vae.train()
-    return float(replica.sum(total)) / x.shape[0]
+    values = (replica.sum(totals) / x.shape[0]).tolist()
+    return dict(zip(("valid_elbo", "valid_bound"), values, strict=False))
+
+
+def selection_value(row: dict[str, Any]) -> float:
+    """What picks the best epoch (checkpoint and patience) from a metrics row: the
+    validation value of the training objective, ``valid_bound`` for the IWAE bound, else
+    ``valid_elbo``."""
+    return row.get("valid_bound", row["valid_elbo"])
 
 
 def fit(
@@ -306,15 +323,16 @@ def fit(
 
     Each step estimates the full-data ELBO from a minibatch (the data plate has size N).
     Per epoch, the train ELBO (running mean over the epoch) and the validation ELBO (one
-    draw per image) are logged; with ``run_dir``, rows go to ``metrics.csv``, the
-    best-validation model to ``checkpoint.pt`` and the whole training state (optimizer,
+    draw per image; with the IWAE bound, K draws and the bound of those draws) are logged;
+    with ``run_dir``, rows go to ``metrics.csv``, the best-validation model (by
+    :func:`selection_value`) to ``checkpoint.pt`` and the whole training state (optimizer,
     random streams, history) to ``last.pt``. With ``resume``, training continues from
     ``run_dir/last.pt`` up to ``config.num_epochs``; on the CPU the result is bit-identical
     to an uninterrupted run. Returns one dict per epoch (all epochs when resumed).
 
     Per epoch, ``config.kl_warmup`` sets the KL weight and ``config.lr_schedule`` the
     learning rate (logged as ``kl_weight`` and ``lr`` when in use); with ``config.patience``,
-    training stops once the validation ELBO has not improved for that many epochs.
+    training stops once the validation value has not improved for that many epochs.
 
     Raises:
         TrainingDiverged: a loss or gradient became NaN/inf; the files hold the last good state.
@@ -519,23 +537,23 @@ def _run_epoch(
     train_elbo = train_epoch(
         vae, data, loss_fn, optimizer, config, generator, epoch, bar, replica, callbacks
     )
+    particles = config.num_particles if config.objective == "iwae" else None
     try:
         condition = one_hot_labels(vae, data, "valid")
-        valid_elbo = _valid_elbo(
-            vae, valid, config.batch_size, replica, condition, data.float_dtype
+        scores = _validate(
+            vae, valid, config.batch_size, replica, condition, data.float_dtype, particles
         )
     except ValueError as error:
         raise _invalid_parameters(error, f"epoch {epoch}, validation") from None
-    if not math.isfinite(valid_elbo):
-        raise TrainingDiverged(
-            f"the validation ELBO became {valid_elbo} after epoch {epoch}; {_REMEDY}"
-        )
-    row = {
-        "epoch": epoch,
-        "train_elbo": train_elbo,
-        "valid_elbo": valid_elbo,
-        "seconds": time.perf_counter() - start,
-    }
+    for name, value in scores.items():
+        if not math.isfinite(value):
+            what = "ELBO" if name == "valid_elbo" else "IWAE bound"
+            raise TrainingDiverged(
+                f"the validation {what} became {value} after epoch {epoch}; {_REMEDY}"
+            )
+    row = {"epoch": epoch, "train_elbo": train_elbo, **scores}
+    row["seconds"] = time.perf_counter() - start
+    valid_elbo = scores["valid_elbo"]
     logger.info("epoch %d: train ELBO %.3f, valid ELBO %.3f", epoch, train_elbo, valid_elbo)
     bar.set_postfix(train_elbo=f"{train_elbo:.2f}", valid_elbo=f"{valid_elbo:.2f}")
     return row
@@ -557,8 +575,8 @@ def _end_epoch(
     a resumed run redoes this epoch identically, rewriting the same files.
     """
     best, best_epoch = state.best_valid_elbo, state.best_epoch
-    if row["valid_elbo"] > best:
-        best, best_epoch = row["valid_elbo"], row["epoch"]
+    if selection_value(row) > best:
+        best, best_epoch = selection_value(row), row["epoch"]
     new = Progress(row["epoch"], best, best_epoch, [*state.history, row])
     replica = replica or Replica()
     rank_states = None  # several processes: every rank's random streams go into last.pt
@@ -574,7 +592,7 @@ def _end_epoch(
                 folder.checkpoint,
                 vae,
                 epoch=best_epoch,
-                valid_elbo=best,
+                **{key: row[key] for key in ("valid_elbo", "valid_bound") if key in row},
                 train_config=asdict(config),
             )
         save_training_state(folder.last, vae, optimizer, generator, config, new, rank_states)

@@ -14,8 +14,10 @@ from robust_helpers import assert_jit_equals_eager, tiny_config, tiny_data, tiny
 
 import pyro_vae.train as train_module
 from pyro_vae import VAE, TrainConfig, VAEConfig, fit
-from pyro_vae.distributed import ELBOLoss
+from pyro_vae.distributed import ELBOLoss, Replica
+from pyro_vae.evaluate import log_weights
 from pyro_vae.objectives import make_objective, scale_latent
+from pyro_vae.runs import summarize_run
 from pyro_vae.schedules import kl_weight, learning_rate, patience_exhausted
 from pyro_vae.train import compiles_loss
 
@@ -126,19 +128,19 @@ def test_lr_schedules_match_torch_schedulers_stepped_per_epoch() -> None:
 def test_fit_applies_the_weight_and_rate_of_each_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     """3 steps per epoch; the loss sees the epoch's beta, Adam its lr; valid ELBO unweighted."""
     seen, valid_scales = [], []
-    step, valid = train_module._step, train_module._valid_elbo
+    step, valid = train_module._step, train_module._validate
 
     def spy_step(loss_fn: ELBOLoss, optimizer: torch.optim.Optimizer, *args: object) -> object:
         seen.append((loss_fn.beta, optimizer.param_groups[0]["lr"]))
         return step(loss_fn, optimizer, *args)
 
-    def spy_valid(vae: VAE, x: torch.Tensor, *args: object) -> float:
+    def spy_valid(vae: VAE, x: torch.Tensor, *args: object) -> dict[str, float]:
         site = poutine.trace(vae.model).get_trace(x)
         valid_scales.append(site.nodes["vae.z"]["scale"])
         return valid(vae, x, *args)
 
     monkeypatch.setattr(train_module, "_step", spy_step)
-    monkeypatch.setattr(train_module, "_valid_elbo", spy_valid)
+    monkeypatch.setattr(train_module, "_validate", spy_valid)
     config = tiny_config(
         5, kl_warmup=2, lr_schedule="exponential", lr_gamma=0.5, lr_min=1e-4, lr=1e-3
     )
@@ -161,7 +163,7 @@ def test_default_config_keeps_the_old_metrics_columns() -> None:
 
 def _scripted_valid(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
     calls = iter(values)
-    monkeypatch.setattr(train_module, "_valid_elbo", lambda *args: next(calls))
+    monkeypatch.setattr(train_module, "_validate", lambda *args: {"valid_elbo": next(calls)})
 
 
 def test_patience_stops_after_that_many_epochs_without_improvement(
@@ -187,6 +189,59 @@ def test_patience_counts_only_after_the_warmup(monkeypatch: pytest.MonkeyPatch) 
         1, 2, 3, 4, 5, 6
     ]  # fmt: skip
     assert not patience_exhausted(5, 1, 2, 4) and patience_exhausted(6, 1, 2, 4)
+
+
+def test_an_iwae_run_keeps_and_stops_by_its_validation_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trained with the IWAE bound, a run picks its checkpoint and counts patience by the
+    validation bound (``valid_bound``), not by the ELBO, which may fall meanwhile."""
+    elbos = [-5.0, -5.5, -6.0, -6.5, -7.0, -7.5]
+    bounds = [-4.0, -3.5, -3.6, -3.7, -3.0, -3.1]  # best at epoch 2, then 5
+    calls = iter(zip(elbos, bounds, strict=True))
+    monkeypatch.setattr(
+        train_module,
+        "_validate",
+        lambda *args: dict(zip(("valid_elbo", "valid_bound"), next(calls), strict=True)),
+    )
+    config = tiny_config(6, objective="iwae", num_particles=2, patience=3)
+    history = fit(tiny_vae(), tiny_data(), config, tmp_path, progress=False)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5, 6]  # epoch 5 reset patience
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert payload["epoch"] == 5
+    assert (payload["valid_elbo"], payload["valid_bound"]) == (-7.0, -3.0)
+    (tmp_path / "config.json").write_text("{}")  # what the CLI adds beside fit's files
+    summary = summarize_run(tmp_path)
+    assert summary["best_epoch"] == 5 and summary["best_valid_elbo"] == -7.0
+    calls = iter(zip(elbos, [-4.0, -3.5, -3.6, -3.7, -3.8, -3.0], strict=True))
+    stopped = fit(tiny_vae(), tiny_data(), config, progress=False)
+    assert [row["epoch"] for row in stopped] == [1, 2, 3, 4, 5]  # 3 epochs without a better bound
+
+
+@pytest.mark.parametrize("num_particles", [1, 4])
+def test_validation_bound_is_the_log_mean_weight_of_the_elbos_draws(num_particles: int) -> None:
+    """From the same K draws per image: the bound is log (1/K) sum_k w_k, the ELBO the mean
+    of log w_k; equal for K = 1, the bound above the ELBO (Jensen) for K > 1."""
+    vae, data = tiny_vae(), tiny_data()
+    valid = data.valid[:12]
+    pyro.set_rng_seed(7)
+    scores = train_module._validate(vae, valid, 5, Replica(), num_particles=num_particles)
+    pyro.set_rng_seed(7)
+    log_w = []
+    vae.eval()
+    with torch.no_grad():
+        for start in range(0, 12, 5):
+            w = log_weights(vae, valid[start : start + 5], num_particles)
+            log_w.append(w["log_lik"] + w["log_prior"] - w["log_q"])  # (K, B)
+    log_w = torch.cat(log_w, dim=1)
+    elbo = float(log_w.mean())
+    bound = float((torch.logsumexp(log_w, 0) - math.log(num_particles)).mean())
+    assert scores["valid_elbo"] == pytest.approx(elbo, rel=1e-6)
+    assert scores["valid_bound"] == pytest.approx(bound, rel=1e-6)
+    if num_particles == 1:
+        assert scores["valid_bound"] == pytest.approx(scores["valid_elbo"], rel=1e-6)
+    else:
+        assert scores["valid_bound"] > scores["valid_elbo"] + 1e-3
 
 
 # ---------------------------------------------------------------- configuration

@@ -360,7 +360,8 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="stop after N epochs without a better validation ELBO (None: off)",
+        help="stop after N epochs without a better validation ELBO (IWAE bound for "
+        "--objective iwae) (None: off)",
     )
 
 

@@ -232,10 +232,13 @@ def _report_run(
             f"; the run ended inside its {train_config.kl_warmup}-epoch KL warm-up, so the "
             "model has not yet been trained on the full ELBO"
         )
-    print(
-        f"best valid ELBO {payload['valid_elbo']:.3f} nats at epoch {payload['epoch']} of "
-        f"{len(history)}{note}"
-    )
+    best = f"best valid ELBO {payload['valid_elbo']:.3f} nats"
+    if "valid_bound" in payload:
+        best = (
+            f"best valid IWAE bound (K = {train_config.num_particles}) "
+            f"{payload['valid_bound']:.3f} nats (valid ELBO {payload['valid_elbo']:.3f})"
+        )
+    print(f"{best} at epoch {payload['epoch']} of {len(history)}{note}")
     for path in (folder.config, folder.checkpoint, folder.last, folder.metrics):
         print(f"  wrote {path}")
     for path in pictures:
