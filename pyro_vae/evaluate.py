@@ -19,6 +19,7 @@ from .validation import check_images, check_instance, check_positive_int, check_
 __all__ = [
     "Evaluation",
     "active_units",
+    "batch_statistics",
     "elbo",
     "evaluate",
     "layer_active_units",
@@ -109,10 +110,16 @@ def _particle_chunk(vae: VAE, batch_size: int, max_elements: int) -> int:
 
 
 @torch.no_grad()
-def _batch_statistics(
-    vae: VAE, x: Tensor, num_samples: int, max_elements: int, condition: Tensor | None = None
+def batch_statistics(
+    vae: VAE,
+    x: Tensor,
+    num_samples: int,
+    max_elements: int = MAX_ELEMENTS,
+    condition: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """logsumexp of the weights and sums of ELBO terms over K draws, each ``(B,)``."""
+    """Per image ``(B,)``, from the same K = ``num_samples`` draws of q(z|x): the IS log p(x)
+    (``log_likelihood``, the IWAE bound with K draws), the mean ``elbo`` with its
+    ``reconstruction`` and ``kl`` terms, and per layer of a hierarchy ``kl:SITE``."""
     lse, sums = [], {"log_lik": 0.0, "kl": 0.0}
     for k in _chunks(num_samples, _particle_chunk(vae, x.shape[0], max_elements)):
         w = log_weights(vae, x, k, condition)
@@ -167,7 +174,7 @@ def log_likelihood(
     ``condition`` ``(B, C)`` conditions a conditional VAE.
     """
     _check(x, vae, num_samples, condition)
-    return _batch_statistics(vae, x, num_samples, max_elements, condition)["log_likelihood"]
+    return batch_statistics(vae, x, num_samples, max_elements, condition)["log_likelihood"]
 
 
 def elbo(
@@ -179,7 +186,7 @@ def elbo(
 ) -> Tensor:
     """Monte Carlo ELBO per datapoint, ``(B,)``, averaged over ``num_samples`` draws."""
     _check(x, vae, num_samples, condition)
-    return _batch_statistics(vae, x, num_samples, max_elements, condition)["elbo"]
+    return batch_statistics(vae, x, num_samples, max_elements, condition)["elbo"]
 
 
 def evaluate(
@@ -215,7 +222,7 @@ def evaluate(
             disable=not progress,
             leave=False,
         ):
-            stats = _batch_statistics(vae, batch, num_samples, max_elements, c)
+            stats = batch_statistics(vae, batch, num_samples, max_elements, c)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + float(value.sum())
     finally:

@@ -22,7 +22,7 @@ from .callbacks import Callback
 from .checkpoint import save_checkpoint
 from .data import Dataset
 from .distributed import ELBOLoss, Replica
-from .evaluate import MAX_ELEMENTS, _batch_statistics
+from .evaluate import batch_statistics
 from .evaluate import elbo as elbo_per_point
 from .model import VAE
 from .objectives import (
@@ -293,7 +293,7 @@ def _validate(
         batch = shard[start : start + batch_size].to(dtype)
         c = None if condition is None else conditions[start : start + batch_size]
         if num_particles:
-            scores = _batch_statistics(vae, batch, num_particles, MAX_ELEMENTS, c)
+            scores = batch_statistics(vae, batch, num_particles, condition=c)
             totals += torch.stack((scores["elbo"].sum(), scores["log_likelihood"].sum()))
         else:
             totals += elbo_per_point(vae, batch, condition=c).sum()
