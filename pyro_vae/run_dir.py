@@ -141,7 +141,7 @@ class RunDir:
 
     def read_metrics(self) -> dict[str, list[float]]:
         """Columns ``epoch``, ``train_elbo``, ``valid_elbo`` (and ``valid_bound``, in a run
-        trained with the IWAE bound) of ``metrics.csv``."""
+        trained with the IWAE bound, when every epoch has it) of ``metrics.csv``."""
         if not self.metrics.is_file():
             raise FileNotFoundError(f"{self.metrics}: no such file (not a run folder?)")
         with open(self.metrics, newline="") as handle:
@@ -149,7 +149,11 @@ class RunDir:
         if not rows:
             raise ValueError(f"{self.metrics}: no epochs recorded yet")
         keys = ("epoch", "train_elbo", "valid_elbo", "valid_bound")
-        return {key: [float(row[key]) for row in rows] for key in keys if key in rows[0]}
+        return {
+            key: [float(row[key]) for row in rows]
+            for key in keys
+            if key in ("epoch", "train_elbo", "valid_elbo") or all(row.get(key) for row in rows)
+        }
 
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
         """Atomically (re)write ``metrics.csv`` with one row per epoch of ``history``."""

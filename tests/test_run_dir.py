@@ -24,6 +24,12 @@ def test_metrics_and_evaluations_round_trip(tmp_path: Path) -> None:
     assert run.read_metrics() == {
         "epoch": [1.0, 2.0], "train_elbo": [-3.5, -2.5], "valid_elbo": [-4.0, -3.0]
     }  # fmt: skip
+    bound = [{**row, "valid_bound": row["valid_elbo"] + 1} for row in history]
+    run.write_metrics(bound)  # a run trained with the IWAE bound
+    assert run.read_metrics()["valid_bound"] == [-3.0, -2.0]
+    run.write_metrics([history[0], bound[1]])  # resumed from before the bound was logged
+    assert "valid_bound" not in run.read_metrics()
+    run.write_metrics(history)
     run.record_evaluation({"split": "valid", "elbo": -3.0})
     run.record_evaluation({"split": "test", "elbo": -3.2})
     run.record_evaluation({"split": "valid", "elbo": -2.9})  # replaces that split only
