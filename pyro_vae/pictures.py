@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import atomic_write
-from .run_dir import RunDir
+from .run_dir import RunDir, best_index
 
 __all__ = ["read_metrics", "save_curves", "save_image_grid", "tile"]
 
@@ -124,8 +124,9 @@ def save_curves(
 ) -> Path:
     """Draw runs' curves (from :func:`read_metrics`, by label) into one PNG; returns its path.
 
-    The validation ELBO is solid with its best epoch marked, the train objective dashed, one
-    colour per run; ``floor`` cuts the y axis below (None: the lowest validation ELBO).
+    The validation ELBO is solid with the checkpoint's epoch marked (its best, or that of the
+    best validation IWAE bound), the train objective dashed, one colour per run; ``floor``
+    cuts the y axis below (None: the lowest validation ELBO).
     """
     from matplotlib import colormaps
     from matplotlib.figure import Figure
@@ -136,7 +137,7 @@ def save_curves(
     for colour, (label, m) in zip(colormaps["tab10"].colors, runs.items(), strict=False):
         ax.plot(m["epoch"], m["valid_elbo"], color=colour, label=f"{label} (valid)")
         ax.plot(m["epoch"], m["train_elbo"], color=colour, linestyle="--", alpha=0.6)
-        best = max(range(len(m["epoch"])), key=m["valid_elbo"].__getitem__)
+        best = best_index(m)  # the checkpoint's epoch
         ax.plot(m["epoch"][best], m["valid_elbo"][best], "o", color=colour)
     # the top follows the validation curves and the final train values: a KL warm-up's
     # early train objective is no ELBO and would squeeze the curves that matter

@@ -11,7 +11,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError, atomic_write, read_payload
 
-__all__ = ["RunDir", "RunError", "read_config_file", "write_json", "write_metrics"]
+__all__ = ["RunDir", "RunError", "best_index", "read_config_file", "write_json", "write_metrics"]
 
 
 class RunError(ValueError):
@@ -178,6 +178,14 @@ class RunDir:
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` as indented JSON, atomically."""
     atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+
+
+def best_index(metrics: dict[str, list[float]]) -> int:
+    """Position, in :meth:`RunDir.read_metrics` columns, of the epoch ``checkpoint.pt``
+    holds: the best ``valid_bound`` (a run trained with the IWAE bound), else the best
+    ``valid_elbo``."""
+    selected = metrics.get("valid_bound", metrics["valid_elbo"])
+    return max(range(len(selected)), key=selected.__getitem__)
 
 
 def write_metrics(path: str | Path, history: list[dict[str, Any]]) -> None:

@@ -22,7 +22,7 @@ from .data import DataSpec, load_dataset
 from .evaluate import evaluate, layer_active_units
 from .model import VAE, VAEConfig
 from .pictures import save_image_grid
-from .run_dir import RunDir, RunError, read_config_file, write_json
+from .run_dir import RunDir, RunError, best_index, read_config_file, write_json
 from .run_folder import RunFolder
 from .train import TrainConfig, one_hot_labels
 
@@ -440,8 +440,7 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError):
         metrics = None
     if metrics is not None:
-        selected = metrics.get("valid_bound", metrics["valid_elbo"])
-        best = max(range(len(metrics["epoch"])), key=selected.__getitem__)
+        best = best_index(metrics)
         row["epochs"] = int(metrics["epoch"][-1])
         row["best_epoch"] = int(metrics["epoch"][best])
         row["best_valid_elbo"] = metrics["valid_elbo"][best]

@@ -10,7 +10,7 @@ from robust_helpers import cli_train, save_binary_npy
 
 from pyro_vae import RunDir
 from pyro_vae.cli import main
-from pyro_vae.run_dir import RunError
+from pyro_vae.run_dir import RunError, best_index
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
 
@@ -27,6 +27,9 @@ def test_metrics_and_evaluations_round_trip(tmp_path: Path) -> None:
     bound = [{**row, "valid_bound": row["valid_elbo"] + 1} for row in history]
     run.write_metrics(bound)  # a run trained with the IWAE bound
     assert run.read_metrics()["valid_bound"] == [-3.0, -2.0]
+    elbo_best, bound_best = [-3.0, -4.0, -5.0], [-2.0, -1.0, -1.5]
+    assert best_index({"valid_elbo": elbo_best}) == 0
+    assert best_index({"valid_elbo": elbo_best, "valid_bound": bound_best}) == 1
     run.write_metrics([history[0], bound[1]])  # resumed from before the bound was logged
     assert "valid_bound" not in run.read_metrics()
     run.write_metrics(history)
