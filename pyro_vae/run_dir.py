@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, atomic_write, read_payload
 
-__all__ = ["RunDir", "RunError", "best_index", "read_config_file", "write_json", "write_metrics"]
+__all__ = [
+    "RunDir",
+    "RunError",
+    "best_index",
+    "read_config_file",
+    "selection_column",
+    "write_json",
+    "write_metrics",
+]
 
 
 class RunError(ValueError):
@@ -148,12 +157,11 @@ class RunDir:
             rows = list(csv.DictReader(handle))
         if not rows:
             raise ValueError(f"{self.metrics}: no epochs recorded yet")
-        keys = ("epoch", "train_elbo", "valid_elbo", "valid_bound")
-        return {
-            key: [float(row[key]) for row in rows]
-            for key in keys
-            if key in ("epoch", "train_elbo", "valid_elbo") or all(row.get(key) for row in rows)
-        }
+        keys = ("epoch", "train_elbo", "valid_elbo")
+        columns = {key: [float(row[key]) for row in rows] for key in keys}
+        if all(row.get("valid_bound") for row in rows):
+            columns["valid_bound"] = [float(row["valid_bound"]) for row in rows]
+        return columns
 
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
         """Atomically (re)write ``metrics.csv`` with one row per epoch of ``history``."""
@@ -180,11 +188,17 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
 
 
+def selection_column(metrics: Mapping[str, Any]) -> str:
+    """The metric that picks the best epoch (checkpoint and patience) of a metrics row or of
+    :meth:`RunDir.read_metrics` columns: ``valid_bound`` in a run trained with the IWAE
+    bound, else ``valid_elbo``."""
+    return "valid_bound" if "valid_bound" in metrics else "valid_elbo"
+
+
 def best_index(metrics: dict[str, list[float]]) -> int:
     """Position, in :meth:`RunDir.read_metrics` columns, of the epoch ``checkpoint.pt``
-    holds: the best ``valid_bound`` (a run trained with the IWAE bound), else the best
-    ``valid_elbo``."""
-    selected = metrics.get("valid_bound", metrics["valid_elbo"])
+    holds (the best of :func:`selection_column`)."""
+    selected = metrics[selection_column(metrics)]
     return max(range(len(selected)), key=selected.__getitem__)
 
 

@@ -23,7 +23,6 @@ from .checkpoint import save_checkpoint
 from .data import Dataset
 from .distributed import ELBOLoss, Replica
 from .evaluate import batch_statistics
-from .evaluate import elbo as elbo_per_point
 from .model import VAE
 from .objectives import (
     OBJECTIVES,
@@ -33,7 +32,7 @@ from .objectives import (
     make_objective,
 )
 from .resume import LAST, Progress, get_rng_state, load_training_state, save_training_state
-from .run_dir import RunDir, write_metrics
+from .run_dir import RunDir, selection_column, write_metrics
 from .schedules import LR_SCHEDULES, kl_weight, learning_rate, patience_exhausted
 from .validation import check_instance, check_memory, check_positive_int, check_seed
 
@@ -122,8 +121,8 @@ class TrainConfig:
         lr_gamma: Per-epoch factor of the exponential schedule, in (0, 1].
         lr_min: Floor of the exponential and cosine schedules, in [0, lr].
         patience: Stop when the validation ELBO (the IWAE bound for ``iwae``, see
-            :func:`selection_value`) has not improved for this many epochs (counted after the
-            KL warm-up); None: train all ``num_epochs``.
+            :func:`~pyro_vae.run_dir.selection_column`) has not improved for this many
+            epochs (counted after the KL warm-up); None: train all ``num_epochs``.
         free_bits: Nats per latent layer and image below which a layer's KL term is not
             pushed lower (:class:`~pyro_vae.objectives.FreeBits_ELBO`); 0: off. Objective
             ``elbo`` without jit only; ``train_elbo`` then logs that objective.
@@ -286,27 +285,17 @@ def _validate(
     images are never all floats at once."""
     vae.eval()
     dtype = dtype or x.dtype
-    totals = x.new_zeros(2 if num_particles else 1, dtype=dtype)
+    totals = x.new_zeros(2, dtype=dtype)  # ELBO and IWAE bound
     shard = replica.shard(x)
     conditions = [None] * shard.shape[0] if condition is None else replica.shard(condition)
     for start in range(0, shard.shape[0], batch_size):
         batch = shard[start : start + batch_size].to(dtype)
         c = None if condition is None else conditions[start : start + batch_size]
-        if num_particles:
-            scores = batch_statistics(vae, batch, num_particles, condition=c)
-            totals += torch.stack((scores["elbo"].sum(), scores["log_likelihood"].sum()))
-        else:
-            totals += elbo_per_point(vae, batch, condition=c).sum()
+        scores = batch_statistics(vae, batch, num_particles or 1, condition=c)
+        totals += torch.stack((scores["elbo"].sum(), scores["log_likelihood"].sum()))
     vae.train()
-    values = (replica.sum(totals) / x.shape[0]).tolist()
-    return dict(zip(("valid_elbo", "valid_bound"), values, strict=False))
-
-
-def selection_value(row: dict[str, Any]) -> float:
-    """What picks the best epoch (checkpoint and patience) from a metrics row: the
-    validation value of the training objective, ``valid_bound`` for the IWAE bound, else
-    ``valid_elbo``."""
-    return row.get("valid_bound", row["valid_elbo"])
+    elbo, bound = (replica.sum(totals) / x.shape[0]).tolist()
+    return {"valid_elbo": elbo, **({"valid_bound": bound} if num_particles else {})}
 
 
 def fit(
@@ -325,10 +314,10 @@ def fit(
     Per epoch, the train ELBO (running mean over the epoch) and the validation ELBO (one
     draw per image; with the IWAE bound, K draws and the bound of those draws) are logged;
     with ``run_dir``, rows go to ``metrics.csv``, the best-validation model (by
-    :func:`selection_value`) to ``checkpoint.pt`` and the whole training state (optimizer,
-    random streams, history) to ``last.pt``. With ``resume``, training continues from
-    ``run_dir/last.pt`` up to ``config.num_epochs``; on the CPU the result is bit-identical
-    to an uninterrupted run. Returns one dict per epoch (all epochs when resumed).
+    :func:`~pyro_vae.run_dir.selection_column`) to ``checkpoint.pt`` and the whole training
+    state (optimizer, random streams, history) to ``last.pt``. With ``resume``, training
+    continues from ``run_dir/last.pt`` up to ``config.num_epochs``; on the CPU the result is
+    bit-identical to an uninterrupted run. Returns one dict per epoch (all epochs when resumed).
 
     Per epoch, ``config.kl_warmup`` sets the KL weight and ``config.lr_schedule`` the
     learning rate (logged as ``kl_weight`` and ``lr`` when in use); with ``config.patience``,
@@ -575,8 +564,8 @@ def _end_epoch(
     a resumed run redoes this epoch identically, rewriting the same files.
     """
     best, best_epoch = state.best_valid_elbo, state.best_epoch
-    if selection_value(row) > best:
-        best, best_epoch = selection_value(row), row["epoch"]
+    if row[selection_column(row)] > best:
+        best, best_epoch = row[selection_column(row)], row["epoch"]
     new = Progress(row["epoch"], best, best_epoch, [*state.history, row])
     replica = replica or Replica()
     rank_states = None  # several processes: every rank's random streams go into last.pt
