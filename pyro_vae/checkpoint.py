@@ -158,7 +158,11 @@ def load_weights(vae: VAE, path: str | Path) -> dict[str, Any]:
         (f.name, getattr(stored.config, f.name), getattr(vae.config, f.name))
         for f in fields(VAEConfig)
     ]
-    differ = [f"{name} {old!r} there, {new!r} here" for name, old, new in pairs if old != new]
+    names = {name for name, old, new in pairs if old != new}
+    if {"latent_dim", "latent_dims"} <= names:  # latent_dim is latent_dims[0]: name one
+        one_layer = len(stored.config.latent_dims) == len(vae.config.latent_dims) == 1
+        names.discard("latent_dims" if one_layer else "latent_dim")
+    differ = [f"{name} {old!r} there, {new!r} here" for name, old, new in pairs if name in names]
     if differ:
         raise CheckpointError(
             f"{path}: its model differs ({'; '.join(differ)}); build the model from its "

@@ -231,7 +231,10 @@ def test_init_refuses_another_model_and_a_resumed_run(
     other = tmp_path / "other"
     assert _train(tiny_npy, other, "--init", str(first), "--latent-dim", "3") == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "its model differs (latent_dim 2 there, 3 here" in err
+    assert "\n" not in err and "its model differs (latent_dim 2 there, 3 here)" in err
+    assert _train(tiny_npy, other, "--init", str(first), "--latent-dims", "3,2") == 2
+    err = capsys.readouterr().err.strip()  # the layers, not their first size again
+    assert "(latent_dims (2,) there, (3, 2) here" in err and "latent_dim " not in err
     assert "--config RUN_DIR/config.json" in err and not other.exists()
     assert main(["train", "--resume", str(first), "--init", str(first), "--quiet"]) == 2
     assert "--init cannot change" in capsys.readouterr().err
