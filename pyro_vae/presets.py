@@ -119,6 +119,23 @@ PRESETS: dict[str, Preset] = {
             "clip_norm": 2e7,
         },
     ),
+    "mnist-hvae-vamp-long": Preset(
+        "mnist-hvae-vamp with the VampPrior paper's schedule: 500 pseudo-inputs, 100-epoch "
+        "KL warm-up, constant lr 5e-4",
+        {
+            **_GATED_LAYERS,
+            "latent_dims": (40, 40),
+            "guide": "diagonal",
+            "inference": "top-down",
+            "decoder_input": "all",
+            "prior": "vamp",
+            "prior_option": [("num_components", 500)],
+            "clip_norm": 2e7,
+            "kl_warmup": 100,
+            "lr": 5e-4,
+            "lr_schedule": "constant",
+        },
+    ),
     "mnist-ladder": Preset(
         "ladder VAE, three layers of 32, gated 300-300 networks, free bits 0.5 per layer",
         {
