@@ -53,6 +53,22 @@ _GATED = {"arch": "gated", "latent_dim": 40, "hidden_dims": (300, 300), **_DECAY
 #: The same networks and schedule for a hierarchy (the layer sizes come with each preset).
 _GATED_LAYERS = {key: value for key, value in _GATED.items() if key != "latent_dim"}
 
+#: The VampPrior paper's HVAE: two layers of 40, q(z_2|x) q(z_1|x, z_2), p(x|z_1, z_2).
+_HVAE = {
+    **_GATED_LAYERS,
+    "latent_dims": (40, 40),
+    "guide": "diagonal",
+    "inference": "top-down",
+    "decoder_input": "all",
+}
+#: The same with a VampPrior of 100 pseudo-inputs on z_2 (gradient clip as ``mnist-vamp``).
+_HVAE_VAMP = {
+    **_HVAE,
+    "prior": "vamp",
+    "prior_option": [("num_components", 100)],
+    "clip_norm": 2e7,
+}
+
 #: Every preset, by name. No preset sets ``--data``: the user names the data file.
 PRESETS: dict[str, Preset] = {
     "mnist-mlp": Preset(
@@ -98,39 +114,18 @@ PRESETS: dict[str, Preset] = {
     "mnist-hvae": Preset(
         "two stochastic layers of 40 as in the VampPrior paper's HVAE (top-down posterior, "
         "decoder reading both layers), gated 300-300 networks",
-        {
-            **_GATED_LAYERS,
-            "latent_dims": (40, 40),
-            "guide": "diagonal",
-            "inference": "top-down",
-            "decoder_input": "all",
-        },
+        _HVAE,
     ),
     "mnist-hvae-vamp": Preset(
         "mnist-hvae with a VampPrior of 100 pseudo-inputs on the top layer",
-        {
-            **_GATED_LAYERS,
-            "latent_dims": (40, 40),
-            "guide": "diagonal",
-            "inference": "top-down",
-            "decoder_input": "all",
-            "prior": "vamp",
-            "prior_option": [("num_components", 100)],
-            "clip_norm": 2e7,
-        },
+        _HVAE_VAMP,
     ),
     "mnist-hvae-vamp-long": Preset(
         "mnist-hvae-vamp with the VampPrior paper's schedule: 500 pseudo-inputs, 100-epoch "
         "KL warm-up, constant lr 5e-4",
         {
-            **_GATED_LAYERS,
-            "latent_dims": (40, 40),
-            "guide": "diagonal",
-            "inference": "top-down",
-            "decoder_input": "all",
-            "prior": "vamp",
+            **_HVAE_VAMP,
             "prior_option": [("num_components", 500)],
-            "clip_norm": 2e7,
             "kl_warmup": 100,
             "lr": 5e-4,
             "lr_schedule": "constant",
