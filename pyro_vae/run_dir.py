@@ -176,11 +176,17 @@ class RunDir:
         return stored if isinstance(stored, dict) else {}
 
     def record_evaluation(self, record: dict[str, Any]) -> Path:
-        """Keep an evaluation ``record`` in ``eval.json`` under its split (others stay)."""
+        """Keep an evaluation ``record`` in ``eval.json`` under its split, or ``SPLIT-last``
+        for the model of ``last.pt`` (others stay)."""
         stored = self.read_evaluations()
-        stored[record["split"]] = record
+        last = record.get("checkpoint") == "last"
+        stored[f"{record['split']}-last" if last else record["split"]] = record
         write_json(self.evaluations, stored)
         return self.evaluations
+
+
+#: The model files of a run by ``pyro-vae evaluate --checkpoint`` name.
+CHECKPOINT_FILES = {"best": RunDir.CHECKPOINT, "last": RunDir.LAST}
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:

@@ -22,7 +22,14 @@ from .data import DataSpec, load_dataset
 from .evaluate import evaluate, layer_active_units
 from .model import VAE, VAEConfig
 from .pictures import save_image_grid
-from .run_dir import RunDir, RunError, best_index, read_config_file, write_json
+from .run_dir import (
+    CHECKPOINT_FILES,
+    RunDir,
+    RunError,
+    best_index,
+    read_config_file,
+    write_json,
+)
 from .run_folder import RunFolder
 from .train import TrainConfig, one_hot_labels
 
@@ -349,16 +356,24 @@ def evaluate_run(
     device: str | torch.device = "cpu",
     data: DataSpec | None = None,
     progress: bool = False,
+    checkpoint: str = "best",
 ) -> tuple[dict[str, Any], Path | None]:
-    """Evaluate the best model of a run folder on ``split`` (the first ``num_points``
-    images): IS log p(x) with ``num_samples`` draws, ELBO, KL, per-layer active units.
+    """Evaluate a model of a run folder on ``split`` (the first ``num_points`` images): IS
+    log p(x) with ``num_samples`` draws, ELBO, KL, per-layer active units.
 
-    ``data`` evaluates on other images of the same shape; without it the run's own data are
-    used and the record is kept in ``eval.json``. Returns the record and that file (or None).
+    ``checkpoint`` is ``best`` (``checkpoint.pt``, the best validation epoch) or ``last``
+    (``last.pt``, the latest epoch); the record names it and its ``epoch``. ``data`` evaluates
+    on other images of the same shape; without it the run's own data are used and the record
+    is kept in ``eval.json``. Returns the record and that file (or None).
     """
+    if checkpoint not in CHECKPOINT_FILES:
+        raise ValueError(
+            f"checkpoint must be one of {sorted(CHECKPOINT_FILES)}, got {checkpoint!r}"
+        )
     folder = RunDir(run_dir)
     record = folder.read_record()
-    vae, _ = load_checkpoint(folder.checkpoint, map_location=device)
+    path = folder.path / CHECKPOINT_FILES[checkpoint]
+    vae, payload = load_checkpoint(path, map_location=device)
     images = load_dataset(data or stored_data_spec(folder.path, record))
     x = images.split(split)[:num_points]
     if x.shape[1] != vae.config.data_dim:
@@ -374,7 +389,9 @@ def evaluate_run(
         vae, x, num_samples=num_samples, batch_size=batch_size, condition=condition,
         progress=progress,
     )  # fmt: skip
-    out: dict[str, Any] = {**result.to_dict(), "split": split}
+    out: dict[str, Any] = {
+        **result.to_dict(), "split": split, "checkpoint": checkpoint, "epoch": payload.get("epoch")
+    }  # fmt: skip
     if not vae.likelihood.discrete:
         out["density"] = True  # log densities: not comparable with discrete log probabilities
     if len(vae.latent_sites) > 1:
@@ -389,6 +406,9 @@ def format_evaluation(record: dict[str, Any]) -> str:
         f"{record['split']} split, {record['num_points']} images, K = {record['num_samples']} "
         "importance samples (nats per image)"
     ]
+    if "checkpoint" in record:
+        name = CHECKPOINT_FILES[record["checkpoint"]]
+        lines.append(f"  model of {name} (epoch {record['epoch']})")
     if record.get("density"):
         lines.append(
             "  the likelihood is a density: these are log densities, "

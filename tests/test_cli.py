@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from pyro_vae import evaluate, load_dataset
-from pyro_vae.checkpoint import load_checkpoint
+from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
 from pyro_vae.cli import main
 from pyro_vae.data import DataSpec
+from pyro_vae.run_dir import RunDir, best_index
 
 
 @pytest.fixture
@@ -91,6 +92,28 @@ def test_train_evaluate_sample_end_to_end(
     expected = evaluate(vae, images[:4], num_samples=20)
     assert first["num_points"] == 4 and images.shape[0] == 6
     assert first["log_likelihood"] == pytest.approx(expected.log_likelihood, rel=1e-6)
+
+    metrics = RunDir(run).read_metrics()  # best and last model, each named with its epoch
+    assert first["checkpoint"] == "best"
+    assert first["epoch"] == metrics["epoch"][best_index(metrics)]
+    with torch.no_grad():  # a best model unlike the last one, so the two cannot be confused
+        for parameter in vae.parameters():
+            parameter.add_(0.5)
+    save_checkpoint(run / "checkpoint.pt", vae, epoch=1, valid_elbo=-1.0)
+    assert main([*evaluate_4, "--quiet"]) == 0
+    best = json.loads(capsys.readouterr().out)
+    assert main([*evaluate_4, "--checkpoint", "last", "--quiet"]) == 0
+    latest = json.loads(capsys.readouterr().out)
+    vae, _ = load_checkpoint(run / "last.pt")
+    pyro.set_rng_seed(0)
+    expected = evaluate(vae, images[:4], num_samples=20)
+    assert latest["checkpoint"] == "last" and latest["epoch"] == metrics["epoch"][-1] == 2
+    assert latest["log_likelihood"] == pytest.approx(expected.log_likelihood, rel=1e-6)
+    assert best["epoch"] == 1 and abs(latest["log_likelihood"] - best["log_likelihood"]) > 1e-3
+    stored = json.loads((run / "eval.json").read_text())
+    assert stored["test"] == best and stored["test-last"] == latest
+    assert main(["evaluate", str(run), "--checkpoint", "last", "--num-samples", "5"]) == 0
+    assert "model of last.pt (epoch 2)" in capsys.readouterr().out
 
     assert main(["sample", str(run), "-n", "9", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -144,6 +144,12 @@ def build_parser(
     ev.add_argument(
         "--num-points", type=_positive_int, default=None, help="only the first N images"
     )
+    ev.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="the model of checkpoint.pt (best validation epoch) or last.pt (latest epoch)",
+    )
     ev.add_argument("--batch-size", type=_positive_int, default=100)
     _add_data_args(ev, None)
     ev.add_argument("--device", default="auto")

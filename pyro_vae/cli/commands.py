@@ -49,7 +49,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         spec = data_spec(args.data, args.binarize, likelihood=likelihood)
     record, written = evaluate_run(
         args.run_dir, args.split, args.num_samples, args.batch_size, args.num_points,
-        args.seed, device, spec, progress=not args.quiet,
+        args.seed, device, spec, progress=not args.quiet, checkpoint=args.checkpoint,
     )  # fmt: skip
     if args.json:
         print(json.dumps(record))
