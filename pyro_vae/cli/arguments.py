@@ -16,6 +16,7 @@ from ..networks import ARCHS
 from ..objectives import GRADIENT_ESTIMATORS, OBJECTIVES
 from ..presets import PRESETS
 from ..priors import LATENTS, PRIORS
+from ..run_dir import CHECKPOINT_FILES
 from ..runs import (
     read_config_file,
     train_options,
@@ -24,8 +25,6 @@ from ..schedules import LR_SCHEDULES
 from ..train import (
     TrainConfig,
 )
-
-#: train flags that ``--resume`` accepts; every other setting comes from the run's config.json.
 from .arg_types import (
     UsageError,
     _count,
@@ -43,6 +42,7 @@ from .arg_types import (
     _seeds,
 )
 
+#: train flags that ``--resume`` accepts; every other setting comes from the run's config.json.
 RESUME_FLAGS = ("resume", "epochs", "lr", "clip_norm", "device", "quiet", "tensorboard")
 
 
@@ -146,7 +146,7 @@ def build_parser(
     )
     ev.add_argument(
         "--checkpoint",
-        choices=("best", "last"),
+        choices=tuple(CHECKPOINT_FILES),
         default="best",
         help="the model of checkpoint.pt (best validation epoch) or last.pt (latest epoch)",
     )
