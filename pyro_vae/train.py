@@ -564,8 +564,9 @@ def _end_epoch(
     a resumed run redoes this epoch identically, rewriting the same files.
     """
     best, best_epoch = state.best_valid_elbo, state.best_epoch
-    if row[selection_column(row)] > best:
-        best, best_epoch = row[selection_column(row)], row["epoch"]
+    value = row[selection_column(row)]
+    if value > best:
+        best, best_epoch = value, row["epoch"]
     new = Progress(row["epoch"], best, best_epoch, [*state.history, row])
     replica = replica or Replica()
     rank_states = None  # several processes: every rank's random streams go into last.pt
