@@ -14,6 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .model import VAE
+from .priors import fixed_priors
 from .validation import check_images, check_instance, check_positive_int, check_work
 
 __all__ = [
@@ -121,14 +122,15 @@ def batch_statistics(
     (``log_likelihood``, the IWAE bound with K draws), the mean ``elbo`` with its
     ``reconstruction`` and ``kl`` terms, and per layer of a hierarchy ``kl:SITE``."""
     lse, sums = [], {"log_lik": 0.0, "kl": 0.0}
-    for k in _chunks(num_samples, _particle_chunk(vae, x.shape[0], max_elements)):
-        w = log_weights(vae, x, k, condition)
-        lse.append(torch.logsumexp(w["log_lik"] + w["log_prior"] - w["log_q"], dim=0))
-        sums["log_lik"] = sums["log_lik"] + w["log_lik"].sum(0)
-        sums["kl"] = sums["kl"] + (w["log_q"] - w["log_prior"]).sum(0)
-        if len(vae.latent_sites) > 1:
-            for name in vae.latent_sites:
-                sums[f"kl:{name}"] = sums.get(f"kl:{name}", 0.0) + w[f"kl:{name}"].sum(0)
+    with fixed_priors(vae):  # the pseudo-inputs of a VampPrior are encoded once
+        for k in _chunks(num_samples, _particle_chunk(vae, x.shape[0], max_elements)):
+            w = log_weights(vae, x, k, condition)
+            lse.append(torch.logsumexp(w["log_lik"] + w["log_prior"] - w["log_q"], dim=0))
+            sums["log_lik"] = sums["log_lik"] + w["log_lik"].sum(0)
+            sums["kl"] = sums["kl"] + (w["log_q"] - w["log_prior"]).sum(0)
+            if len(vae.latent_sites) > 1:
+                for name in vae.latent_sites:
+                    sums[f"kl:{name}"] = sums.get(f"kl:{name}", 0.0) + w[f"kl:{name}"].sum(0)
     log_px = torch.logsumexp(torch.stack(lse), dim=0) - math.log(num_samples)
     means = {key: value / num_samples for key, value in sums.items()}
     recon, kl = means.pop("log_lik"), means.pop("kl")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -21,6 +23,7 @@ __all__ = [
     "LatentPrior",
     "StandardNormalPrior",
     "VampPrior",
+    "fixed_priors",
     "make_prior",
     "register_prior",
 ]
@@ -55,6 +58,23 @@ class LatentPrior(nn.Module):
 
     def forward(self) -> Distribution:
         raise NotImplementedError
+
+    @contextmanager
+    def fixed(self) -> Iterator[None]:
+        """A block in which the parameters do not change (an evaluation): a prior may then
+        build its distribution once for every call without gradients. Nothing here."""
+        yield
+
+
+@contextmanager
+def fixed_priors(module: nn.Module) -> Iterator[None]:
+    """Enter :meth:`LatentPrior.fixed` of every prior in ``module`` for the block; the
+    caller promises not to change a parameter inside it."""
+    with ExitStack() as stack:
+        for part in module.modules():
+            if isinstance(part, LatentPrior):
+                stack.enter_context(part.fixed())
+        yield
 
 
 def make_prior(
@@ -180,7 +200,8 @@ class VampPrior(LatentPrior):
         self.pseudo_logits = nn.Parameter(
             init_logit_scale * torch.randn(num_components, encoder.data_dim)
         )
-        self._cached: tuple[tuple, Distribution] | None = None
+        self._fixed = False  # inside fixed(): gradient-free calls share one mixture
+        self._held: Distribution | None = None
 
     @property
     def pseudo_inputs(self) -> Tensor:
@@ -188,25 +209,28 @@ class VampPrior(LatentPrior):
         return torch.sigmoid(self.pseudo_logits)
 
     def forward(self) -> Distribution:
-        """The mixture; without gradients it is kept until a parameter it reads changes, so
-        an evaluation's many particle chunks encode the pseudo-inputs once."""
-        if torch.is_grad_enabled() or torch.jit.is_tracing():
+        """The mixture; inside :meth:`fixed`, calls without gradients share one, so an
+        evaluation's many particle chunks encode the pseudo-inputs once."""
+        if not self._fixed or torch.is_grad_enabled() or torch.jit.is_tracing():
             return self._mixture()
-        state = self._state()
-        if self._cached is None or self._cached[0] != state:
-            self._cached = (state, self._mixture())
-        return self._cached[1]
+        if self._held is None:
+            self._held = self._mixture()
+        return self._held
+
+    @contextmanager
+    def fixed(self) -> Iterator[None]:
+        """Share one mixture among the gradient-free calls of the block (the parameters must
+        not change in it: a fused optimizer step, for one, leaves no trace to detect). Nested
+        blocks keep the outermost's mixture; leaving the outermost drops it."""
+        if self._fixed:
+            yield
+            return
+        self._fixed = True
+        try:
+            yield
+        finally:
+            self._fixed, self._held = False, None
 
     def _mixture(self) -> Distribution:
         locs, scales, _ = self._encoder[0].loc_scale(self.pseudo_inputs)  # (K, D) each
         return DiagonalNormalMixture(locs, scales, locs.new_zeros(locs.shape[:1]))
-
-    def _state(self) -> tuple:
-        """What the mixture depends on: the encoder's mode and, for the pseudo-logits and
-        every tensor of the encoder, its storage, dtype and in-place version counter (which
-        optimizer steps and ``load_state_dict`` advance)."""
-        encoder = self._encoder[0]
-        tensors = (self.pseudo_logits, *encoder.parameters(), *encoder.buffers())
-        return encoder.training, tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors
-        )

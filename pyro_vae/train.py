@@ -31,6 +31,7 @@ from .objectives import (
     check_gradient_estimator,
     make_objective,
 )
+from .priors import fixed_priors
 from .resume import LAST, Progress, get_rng_state, load_training_state, save_training_state
 from .run_dir import RunDir, selection_column, write_metrics
 from .schedules import LR_SCHEDULES, kl_weight, learning_rate, patience_exhausted
@@ -288,11 +289,12 @@ def _validate(
     totals = x.new_zeros(2, dtype=dtype)  # ELBO and IWAE bound
     shard = replica.shard(x)
     conditions = [None] * shard.shape[0] if condition is None else replica.shard(condition)
-    for start in range(0, shard.shape[0], batch_size):
-        batch = shard[start : start + batch_size].to(dtype)
-        c = None if condition is None else conditions[start : start + batch_size]
-        scores = batch_statistics(vae, batch, num_particles or 1, condition=c)
-        totals += torch.stack((scores["elbo"].sum(), scores["log_likelihood"].sum()))
+    with fixed_priors(vae):  # no step inside: a VampPrior encodes its pseudo-inputs once
+        for start in range(0, shard.shape[0], batch_size):
+            batch = shard[start : start + batch_size].to(dtype)
+            c = None if condition is None else conditions[start : start + batch_size]
+            scores = batch_statistics(vae, batch, num_particles or 1, condition=c)
+            totals += torch.stack((scores["elbo"].sum(), scores["log_likelihood"].sum()))
     vae.train()
     elbo, bound = (replica.sum(totals) / x.shape[0]).tolist()
     return {"valid_elbo": elbo, **({"valid_bound": bound} if num_particles else {})}

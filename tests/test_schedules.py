@@ -276,3 +276,29 @@ def test_old_train_configs_mean_no_recipe() -> None:
     assert (config.kl_warmup, config.lr_schedule, config.patience) == (0, "constant", None)
     assert {learning_rate(e, config.lr, config.lr_schedule, 3) for e in (1, 2, 3)} == {1e-3}
     assert isinstance(train_module.make_loss(config), Trace_ELBO)
+
+
+@pytest.mark.parametrize("latent_dims", [(2,), (2, 2)])
+def test_validation_after_a_fused_optimizer_step_scores_the_stepped_vamp_prior(
+    latent_dims: tuple[int, ...],
+) -> None:
+    """The trainer's fused Adam steps parameters without advancing their version counters:
+    a validation after a step must score the stepped VampPrior, as a fresh copy does."""
+    pyro.set_rng_seed(0)
+    config = VAEConfig(
+        12, 2, (8,), "diagonal", latent_dims=latent_dims,
+        prior="vamp", prior_options={"num_components": 3},
+    )  # fmt: skip
+    vae, valid = VAE(config), tiny_data().valid
+    train_module._validate(vae, valid, 5, Replica())  # an earlier validation
+    optimizer = train_module.make_optimizer(vae.parameters(), 0.1, torch.device("cpu"))
+    for p in vae.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    copy = VAE(config)
+    copy.load_state_dict(vae.state_dict())
+    scores = []
+    for model in (vae, copy):
+        pyro.set_rng_seed(3)
+        scores.append(train_module._validate(model, valid, 5, Replica())["valid_elbo"])
+    assert scores[0] == scores[1]
